@@ -314,6 +314,9 @@ def load_model(
     started = time.perf_counter()
     kind, where, digest, extra = resolve_source(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar; crepe shows its own
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     target = str(where)

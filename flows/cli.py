@@ -1,0 +1,330 @@
+"""The ``crepe`` command line: prune, eval, demo, table, methods.
+
+User errors print one sentence to stderr and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+DEMO_BUDGET = {"calib_samples": 32, "seqlen": 256, "max_windows": 32}
+TABLE_BUDGET = {"calib_samples": 64, "seqlen": 256, "max_windows": 64}
+TABLE_PATTERNS = ["0.5", "2:4", "4:8"]
+TABLE_METHODS = ["dense", "magnitude", "wanda", "ria", "crepe"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one sentence, exit 2 (argparse's own convention)
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"crepe: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _progress_factory(enabled: bool) -> Callable[[str, int, int], None] | None:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None or bar.total != total or done < bar.n:
+            if bar is not None:
+                bar.close()
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="blk" if stage == "prune" else "win",
+                                     file=sys.stderr, leave=False, dynamic_ncols=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            bars.pop(stage, None)
+
+    return update
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_model: str | None = None) -> None:
+    from crepe.models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=default_model or DEFAULT_MODEL,
+                   help="embedded:smollm2-135m (default), embedded:gemma3-270m, a hub id or a local folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+
+
+def _add_budget_args(p: argparse.ArgumentParser, calib: int, seqlen: int, windows: int | None) -> None:
+    g = p.add_argument_group("data budget")
+    g.add_argument("--calib-samples", type=_positive_int, default=calib, help=f"calibration windows (default {calib})")
+    g.add_argument("--seqlen", type=_positive_int, default=seqlen, help=f"tokens per window (default {seqlen})")
+    g.add_argument("--max-windows", type=_positive_int, default=windows,
+                   help="evaluate only the first N perplexity windows (default: %(default)s = all)")
+    g.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default 8)")
+    g.add_argument("--seed", type=_nonneg_int, default=0, help="calibration sampling seed (default 0)")
+    g.add_argument("--calib-source", default="auto", help="auto, c4, c4-local, c4-hub or pydoc")
+    g.add_argument("--eval-source", default="auto", help="auto, wikitext2, wikitext2-local, wikitext2-hub or pydoc")
+    g.add_argument("--data-dir", default=None, help="local data folder (default: $CREPE_DATA_DIR, else ../shared/data)")
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method parameters (CRePE/RIA)")
+    g.add_argument("--alpha", type=_float, help="CRePE row-term coefficient")
+    g.add_argument("--beta", type=_float, help="CRePE column-term coefficient")
+    g.add_argument("--gamma", type=_float, help="CRePE neighbourhood-term coefficient")
+    g.add_argument("--kernel-size", type=int, help="CRePE neighbourhood window K (odd, default 9)")
+    g.add_argument("--a", type=_float, dest="act_exponent", help="activation-norm exponent (RIA/CRePE, default 0.5)")
+    g.add_argument("--params-from", help="JSON file with coefficients (e.g. a search result); flags override it")
+    g.add_argument("--group", choices=["row", "layer"], help="unstructured comparison group (default: the method's own)")
+    g.add_argument("--rule", choices=["exact", "threshold"], default="exact",
+                   help="per-layer selection: exact counts (default) or the official <= threshold rule")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="crepe", description="Post-training pruning of LLMs with CRePE and baselines.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("prune", help="prune a model and save it as a Hugging Face folder with a manifest",
+                       description="Prune every linear layer of the decoder blocks, then save the model, "
+                       "its tokenizer and crepe_manifest.json to --out.")
+    _add_model_args(p)
+    p.add_argument("--method", required=True, help="magnitude, wanda, ria or crepe")
+    p.add_argument("--sparsity", required=True, help="a fraction in [0, 1) such as 0.5, or N:M such as 2:4 or 4:8")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--blocks", help="dotted path of the decoder block list, when auto-detection fails")
+    p.add_argument("--eval-split", choices=["test", "validation"], help="also measure perplexity before saving")
+    _add_method_args(p)
+    _add_budget_args(p, calib=128, seqlen=2048, windows=None)
+
+    p = sub.add_parser("eval", help="WikiText-2 perplexity of a model or pruned folder",
+                       description="Perplexity on non-overlapping windows of the WikiText-2 raw split.")
+    _add_model_args(p)
+    p.add_argument("--split", default="test", choices=["test", "validation"])
+    p.add_argument("--json", help="also write the result as JSON to this file")
+    _add_budget_args(p, calib=128, seqlen=2048, windows=None)
+
+    p = sub.add_parser("demo", help="a short CPU demo: dense vs RIA vs CRePE at 2:4 on the embedded model",
+                       description="Prunes the embedded SmolLM2 with RIA and CRePE at 2:4 and prints a table.")
+    _add_model_args(p)
+    p.add_argument("--sparsity", default="2:4", help="pattern to compare (default 2:4)")
+    p.add_argument("--json", default="runs/demo/results.json", help="where to write the results (default %(default)s)")
+    _add_budget_args(p, calib=DEMO_BUDGET["calib_samples"], seqlen=DEMO_BUDGET["seqlen"], windows=DEMO_BUDGET["max_windows"])
+
+    p = sub.add_parser("table", help="regenerate docs/results.md: dense/magnitude/wanda/ria/crepe at 50%%, 2:4, 4:8",
+                       description="Runs every method at every pattern on the same data and writes a markdown report.")
+    _add_model_args(p)
+    p.add_argument("--methods", default=",".join(TABLE_METHODS), help="comma-separated (default %(default)s)")
+    p.add_argument("--patterns", default=",".join(TABLE_PATTERNS), help="comma-separated (default %(default)s)")
+    p.add_argument("--out", default="docs/results.md", help="markdown report (default %(default)s)")
+    p.add_argument("--json", default="docs/results.json", help="raw results (default %(default)s)")
+    _add_budget_args(p, calib=TABLE_BUDGET["calib_samples"], seqlen=TABLE_BUDGET["seqlen"], windows=TABLE_BUDGET["max_windows"])
+
+    sub.add_parser("methods", help="list the pruning methods and their default parameters")
+    return parser
+
+
+def _budget(args: argparse.Namespace) -> Any:
+    from crepe.jobs import Budget
+
+    return Budget(
+        calib_samples=args.calib_samples, seqlen=args.seqlen, max_windows=args.max_windows,
+        batch_size=args.batch_size, seed=args.seed, calib_source=args.calib_source,
+        eval_source=args.eval_source, data_dir=args.data_dir,
+    )
+
+
+def _method_params(args: argparse.Namespace) -> dict[str, Any]:
+    from crepe.jobs import load_params_file
+
+    params: dict[str, Any] = load_params_file(args.params_from, args.method) if args.params_from else {}
+    flags = {"alpha": args.alpha, "beta": args.beta, "gamma": args.gamma,
+             "kernel_size": args.kernel_size, "a": args.act_exponent}
+    for key, value in flags.items():
+        if value is not None:
+            params[key] = value
+    return params
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from crepe.jobs import build_config, check_out_dir, run_prune
+
+    config = build_config(args.method, args.sparsity, _method_params(args), args.group, args.rule)
+    budget = _budget(args)
+    check_out_dir(args.out, args.overwrite)
+    print(f"[crepe] pruning {args.model} with {args.method} at {config.sparsity.label} -> {args.out}")
+    manifest = run_prune(args.model, config, args.out, budget, args.dtype, args.device, args.blocks,
+                         args.overwrite, args.eval_split, _progress_factory(not args.no_progress))
+    prune = manifest["prune"]
+    nm = "" if prune["nm_valid"] is None else f", every {config.sparsity.pattern} group valid: {prune['nm_valid']}"
+    print(f"[crepe] {prune['n_linears']} linears pruned, overall sparsity {prune['overall_sparsity']:.4f}{nm}")
+    if "evaluation" in manifest:
+        ev = manifest["evaluation"]
+        print(f"[crepe] {ev['split']} perplexity {ev['ppl']:.4f} ({ev['n_windows']} windows x {ev['seqlen']})")
+    print(f"[crepe] saved {args.out} (manifest: {Path(args.out) / 'crepe_manifest.json'})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from crepe.io import write_json_atomic
+    from crepe.jobs import run_eval
+
+    budget = _budget(args)
+    result = run_eval(args.model, budget, args.split, args.dtype, args.device, _progress_factory(not args.no_progress))
+    ppl = result["perplexity"]
+    print(f"[crepe] data: {ppl['data']['source']} {args.split} ({ppl['data']['path']})")
+    print(f"perplexity {ppl['ppl']:.4f}  ({ppl['n_windows']} of {ppl['n_windows_available']} windows x {ppl['seqlen']} tokens)")
+    if args.json:
+        write_json_atomic(args.json, result)
+    return 0
+
+
+def _compare(args: argparse.Namespace, methods: list[str], patterns: list[str]) -> dict[str, Any]:
+    from crepe.jobs import build_config, run_compare
+
+    for m in methods:
+        if m != "dense":
+            for p in patterns:
+                build_config(m, p)
+    return run_compare(args.model, methods, patterns, _budget(args), None, args.dtype, args.device,
+                       "test", _progress_factory(not args.no_progress))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from crepe.io import write_json_atomic
+    from crepe.jobs import format_table
+
+    result = _compare(args, ["dense", "ria", "crepe"], [args.sparsity])
+    print()
+    print(format_table(result["rows"], [args.sparsity]))
+    print(f"\nWikiText-2 test perplexity, first {args.max_windows} windows of {args.seqlen} tokens; "
+          f"calibration {args.calib_samples} x {args.seqlen} tokens ({(result['calibration'] or {}).get('source')}).")
+    write_json_atomic(args.json, result)
+    print(f"[crepe] results written to {args.json}")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from crepe.io import write_json_atomic, write_text_atomic
+    from crepe.jobs import format_table
+    from crepe.types import parse_sparsity
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
+    for p in patterns:
+        parse_sparsity(p)
+    result = _compare(args, methods, patterns)
+    table = format_table(result["rows"], patterns)
+    print(table)
+    write_text_atomic(args.out, render_results(result, table, args))
+    write_json_atomic(args.json, result)
+    print(f"[crepe] wrote {args.out} and {args.json}")
+    return 0
+
+
+def render_results(result: dict[str, Any], table: str, args: argparse.Namespace) -> str:
+    calib = result["calibration"] or {}
+    ev = result["evaluation"]
+    rows = result["rows"]
+    crepe_params = next((r["params"] for r in rows if r["method"] == "crepe"), {})
+    times = "\n".join(
+        f"| {r['method']} | {r['pattern']} | {r['ppl']:.3f} | {r['sparsity']:.4f} | {r['prune_s']:.1f} |" for r in rows
+    )
+    cmd = " ".join(["crepe", *sys.argv[2:]]) if sys.argv[1:2] == ["table"] else "crepe table"
+    return f"""# Results: WikiText-2 perplexity of pruned {result['model']['spec']}
+
+Generated by `{cmd}` (`make table`) on {result['created_utc']}; raw numbers in `{args.json}`.
+
+{table}
+
+## Budget (CPU-sized, not the paper's protocol)
+- Model: `{result['model']['spec']}` ({result['model']['architecture']}, {result['model']['n_params'] / 1e6:.1f}M
+  parameters, {result['model']['dtype']}, content sha256 `{result['model']['content_hash'][:16]}...`).
+- Calibration: {calib.get('n_samples')} windows x {calib.get('seqlen')} tokens from {calib.get('source')}
+  (`{calib.get('path')}`, sha256 `{str(calib.get('sha256'))[:16]}...`), seed {calib.get('seed')}.
+- Evaluation: {ev['source']} {ev['split']} split, the first {ev['max_windows']} non-overlapping windows of
+  {ev['seqlen']} tokens (the paper uses every window of 2048 tokens).
+- Coefficients: CRePE {json.dumps(crepe_params)} (the documented defaults, docs/methods.md).
+- Comparison groups: magnitude, RIA, CRePE per layer; Wanda per output row (each method's official one).
+- Machine: {result['machine']['platform']}, {result['machine']['cpu_threads']} threads; torch
+  {result['versions']['torch']}, transformers {result['versions']['transformers']}; crepe code
+  `{result['code'].get('git_sha') or result['code']['source_sha256'][:16]}`.
+
+## Every run
+
+| method | pattern | ppl | achieved sparsity | prune seconds |
+|---|---|---:|---:|---:|
+{times}
+"""
+
+
+def cmd_methods(_args: argparse.Namespace) -> int:
+    from crepe.scoring import SCORERS
+
+    for name, s in sorted(SCORERS.items()):
+        params = ", ".join(f"{k}={v}" for k, v in s.defaults.items()) or "-"
+        calib = "needs calibration" if s.needs_activations else "no calibration"
+        print(f"{name:10s} group={s.default_group:5s} {calib:17s} params: {params}\n           {s.doc}")
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo, "table": cmd_table, "methods": cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from crepe import __version__
+
+        print(f"crepe {__version__}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    from crepe.errors import CrepeError
+
+    try:
+        return COMMANDS[args.command](args)
+    except CrepeError as exc:
+        sys.stderr.write(f"crepe: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("crepe: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
