@@ -11,9 +11,10 @@ at a time need to sit on the compute device.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +25,13 @@ from crepe.errors import CrepeError
 def _resolve_attr(root: nn.Module, path: str) -> Any:
     obj: Any = root
     for part in path.split("."):
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part, None)
+        if part.isascii() and part.isdigit():
+            try:
+                obj = obj[int(part)]
+            except (IndexError, TypeError, KeyError):
+                obj = None
+        else:
+            obj = getattr(obj, part, None)
         if obj is None:
             raise CrepeError(f"model has no attribute path {path!r} (failed at {part!r})")
     return obj

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,7 +135,7 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
 
 def _provenance() -> dict[str, Any]:
     return {
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command_line(),
         "versions": package_versions(),
         "code": code_version(),

@@ -9,8 +9,9 @@ pruned. With an offloaded model only the current block and its activations visit
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -186,6 +187,10 @@ def prune_model(
     if scorer.needs_activations:
         if calib_ids is None or calib_ids.numel() == 0:
             raise CrepeError(f"method {config.method!r} needs calibration data")
+        if calib_ids.dim() != 2:
+            raise CrepeError(
+                f"calibration ids must have shape (n_samples, seqlen), got {tuple(calib_ids.shape)}"
+            )
         t0 = time.perf_counter()
         inputs = capture_inputs(model, blocks, calib_ids, batch_size, dev)
         seconds["capture"] = time.perf_counter() - t0
@@ -225,4 +230,32 @@ def prune_model(
     seconds["score_and_mask"] = t_score
     seconds["total"] = time.perf_counter() - started
     layers = [measure_sparsity(n, m.weight, config.sparsity.pattern) for n, m in named.items()]
-    return PruneReport(config.as_dict(), path, layers, mask_pruned, {k: round(v, 3) for k, v in seconds.items()})
+    report = PruneReport(config.as_dict(), path, layers, mask_pruned, {k: round(v, 3) for k, v in seconds.items()})
+    verify_report(report, config)
+    return report
+
+
+def expected_pruned(shape: tuple[int, int], config: PruneConfig) -> int | None:
+    """The exact number of weights the mask must prune, or None when ties make it open (threshold)."""
+    out_dim, in_dim = shape
+    spec = config.sparsity
+    if spec.pattern is not None:
+        return out_dim * (in_dim // spec.pattern.m) * spec.pattern.n
+    if config.resolved_group() == "row":
+        return out_dim * int(spec.sparsity * in_dim)
+    if config.rule == "threshold":
+        return None
+    return int(spec.sparsity * out_dim * in_dim)
+
+
+def verify_report(report: PruneReport, config: PruneConfig) -> None:
+    """Check every layer's pruned count and N:M validity; a failure is a bug, never silently kept."""
+    for layer in report.layers:
+        want = expected_pruned(layer.shape, config)
+        got = report.mask_pruned[layer.name]
+        if want is not None and got != want:
+            raise RuntimeError(f"internal error: {layer.name} pruned {got} weights, expected exactly {want}")
+        if layer.nm_valid is False:
+            raise RuntimeError(f"internal error: {layer.name} has an N:M group with fewer than N zeros")
+        if layer.n_zeros < got:
+            raise RuntimeError(f"internal error: {layer.name} has {layer.n_zeros} zeros but {got} were pruned")

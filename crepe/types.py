@@ -85,7 +85,7 @@ def parse_sparsity(text: str | float) -> SparsitySpec:
     match = _NM_RE.match(text)
     if match:
         a, b = match.groups()
-        if not (a.isdigit() and b.isdigit()):
+        if not all(x.isascii() and x.isdigit() for x in (a, b)):
             raise CrepeError(
                 f"invalid N:M pattern {text!r}; N and M must be integers with 1 <= N < M, e.g. 2:4"
             )
@@ -98,6 +98,8 @@ def parse_sparsity(text: str | float) -> SparsitySpec:
         raise CrepeError(
             f"sparsity {text!r} is neither a fraction in [0, 1) like 0.5 nor an N:M pattern like 2:4"
         ) from None
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise CrepeError(f"sparsity {text!r} is outside [0, 1); use a fraction such as 0.5 or 50%")
     return SparsitySpec(check_sparsity(value))
 
 

@@ -9,11 +9,12 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DEMO_BUDGET = {"calib_samples": 32, "seqlen": 256, "max_windows": 32}
-TABLE_BUDGET = {"calib_samples": 64, "seqlen": 256, "max_windows": 64}
+TABLE_BUDGET = {"calib_samples": 32, "seqlen": 256, "max_windows": 64}
 TABLE_PATTERNS = ["0.5", "2:4", "4:8"]
 TABLE_METHODS = ["dense", "magnitude", "wanda", "ria", "crepe"]
 
@@ -188,7 +189,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                          args.overwrite, args.eval_split, _progress_factory(not args.no_progress))
     prune = manifest["prune"]
     nm = "" if prune["nm_valid"] is None else f", every {config.sparsity.pattern} group valid: {prune['nm_valid']}"
-    print(f"[crepe] {prune['n_linears']} linears pruned, overall sparsity {prune['overall_sparsity']:.4f}{nm}")
+    per_layer = [layer["sparsity"] for layer in prune["layers"]]
+    print(f"[crepe] {prune['n_linears']} linears pruned, overall sparsity {prune['overall_sparsity']:.4f} "
+          f"(per layer {min(per_layer):.4f}..{max(per_layer):.4f}){nm}")
     if "evaluation" in manifest:
         ev = manifest["evaluation"]
         print(f"[crepe] {ev['split']} perplexity {ev['ppl']:.4f} ({ev['n_windows']} windows x {ev['seqlen']})")

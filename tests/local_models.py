@@ -11,8 +11,8 @@ import torch
 def word_tokenizer(n_words: int = 400):
     """A fast word-level tokenizer whose vocabulary is the most common words of Python's docs."""
     from collections import Counter
-
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

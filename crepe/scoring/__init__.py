@@ -8,8 +8,9 @@ Adding a method is one :func:`register_scorer` call in a module imported below.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -96,5 +97,5 @@ def score(
     return scorer.fn(w, act, **full)
 
 
-from crepe.scoring import magnitude, ria, wanda  # noqa: E402,F401  (registration side effects)
 from crepe.scoring import crepe as _crepe  # noqa: E402,F401
+from crepe.scoring import magnitude, ria, wanda  # noqa: E402,F401  (registration side effects)

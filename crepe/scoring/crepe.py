@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from crepe.neighborhood import check_kernel_size, neighborhood_sum
+from crepe.errors import CrepeError
+from crepe.neighborhood import NEIGHBORHOOD_METHODS, check_kernel_size, neighborhood_sum
 from crepe.scoring import register_scorer
 from crepe.scoring.ria import activation_factor, column_term, row_term, safe_ratio
 
@@ -43,6 +44,10 @@ def score_crepe(
     """(alpha row + beta column + gamma neighbourhood) relative importance times ||X_j||_2^a."""
     assert act_norm is not None
     check_kernel_size(kernel_size)
+    if neighborhood not in NEIGHBORHOOD_METHODS:
+        raise CrepeError(
+            f"unknown neighbourhood method {neighborhood!r}; allowed: {', '.join(NEIGHBORHOOD_METHODS)}"
+        )
     abs_w = weight.abs()
     cri = alpha * row_term(abs_w) + beta * column_term(abs_w)
     if gamma != 0:
