@@ -1,0 +1,39 @@
+"""PHO (proxy-based hyperparameter optimisation, spec §8): CRePE's coefficients from a cheap proxy.
+
+- :mod:`~crepe.search.proxies`: Gini and outlier proxies of one pruned layer's scores;
+- :mod:`~crepe.search.space`: the (alpha, beta, log10 gamma[, K]) box and its unit-cube map;
+- :mod:`~crepe.search.samplers`: seeded, resumable ask/tell samplers (cmaes, tpe, random);
+- :mod:`~crepe.search.objective`: target input norms and the ``params -> proxies`` objective.
+"""
+
+from crepe.search.objective import DEFAULT_TARGET, ProxyObjective, find_target, target_input_norm
+from crepe.search.proxies import PROXY_NAMES, compute_proxies, gini, outlier_ratio
+from crepe.search.samplers import (
+    SAMPLERS,
+    Sampler,
+    cma_population_size,
+    default_popsize,
+    make_sampler,
+    sampler_from_state,
+)
+from crepe.search.space import KERNEL_CHOICES, RIA_POINT, SearchSpace
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "KERNEL_CHOICES",
+    "PROXY_NAMES",
+    "RIA_POINT",
+    "SAMPLERS",
+    "ProxyObjective",
+    "Sampler",
+    "SearchSpace",
+    "cma_population_size",
+    "compute_proxies",
+    "default_popsize",
+    "find_target",
+    "gini",
+    "make_sampler",
+    "outlier_ratio",
+    "sampler_from_state",
+    "target_input_norm",
+]
