@@ -15,12 +15,12 @@ import torch
 from crepe.errors import CrepeError
 from crepe.neighborhood import NEIGHBORHOOD_METHODS, check_kernel_size, neighborhood_sum
 from crepe.scoring import register_scorer
-from crepe.scoring.ria import activation_factor, column_term, row_term, safe_ratio
+from crepe.scoring.ria import activation_factor, relative_importance
 
 # Documented defaults until PHO (issue 3) finds per-model values; see docs/methods.md.
 DEFAULT_CREPE_PARAMS = {
     "alpha": 1.0,
-    "beta": 0.5,
+    "beta": 1.0,
     "gamma": 0.01,
     "kernel_size": 9,
     "a": 0.5,
@@ -35,7 +35,7 @@ def score_crepe(
     weight: torch.Tensor,
     act_norm: torch.Tensor | None,
     alpha: float = 1.0,
-    beta: float = 0.5,
+    beta: float = 1.0,
     gamma: float = 0.01,
     kernel_size: int = 9,
     a: float = 0.5,
@@ -49,7 +49,12 @@ def score_crepe(
             f"unknown neighbourhood method {neighborhood!r}; allowed: {', '.join(NEIGHBORHOOD_METHODS)}"
         )
     abs_w = weight.abs()
-    cri = alpha * row_term(abs_w) + beta * column_term(abs_w)
+    cri = relative_importance(abs_w, alpha, beta)
     if gamma != 0:
-        cri = cri + gamma * safe_ratio(abs_w, neighborhood_sum(abs_w, kernel_size, neighborhood))
-    return cri * activation_factor(act_norm, a)
+        # n >= A (the window keeps its centre), so n == 0 only where A == 0: clamping n to the
+        # smallest normal float gives A / n = 0 there and changes nothing elsewhere.
+        ratio = neighborhood_sum(abs_w, kernel_size, neighborhood)
+        ratio.clamp_(min=torch.finfo(torch.float32).tiny)
+        torch.div(abs_w, ratio, out=ratio)
+        cri.add_(ratio, alpha=gamma)
+    return cri.mul_(activation_factor(act_norm, a))
