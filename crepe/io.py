@@ -23,15 +23,34 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def sha256_folder(path: str | Path, exclude: tuple[str, ...] = ()) -> str:
-    """Content hash of a folder: relative paths and file hashes, sorted; names in ``exclude`` skipped."""
-    root = Path(path)
+def sha256_folder(
+    path: str | Path, exclude: tuple[str, ...] = (), memo: str | Path | None = None
+) -> str:
+    """Content hash of a folder: relative paths and file hashes, sorted; names in ``exclude`` skipped.
+
+    With ``memo`` (a JSON file), a file's hash is reused while its absolute path, size and
+    modification time are unchanged, so a 140 GB checkpoint is read once, not on every load.
+    """
+    root = Path(path).resolve()
+    known: dict[str, str] = {}
+    if memo is not None and Path(memo).is_file():
+        try:
+            known = json.loads(Path(memo).read_text())
+        except ValueError:
+            known = {}  # a damaged memo only costs a re-hash
+    fresh: dict[str, str] = {}
     digest = hashlib.sha256()
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = file.relative_to(root).as_posix()
         if rel in exclude or file.name in exclude:
             continue
-        digest.update(f"{rel}\0{sha256_file(file)}\n".encode())
+        st = file.stat()
+        key = f"{file}|{st.st_size}|{st.st_mtime_ns}"
+        fresh[key] = known.get(key) or sha256_file(file)
+        digest.update(f"{rel}\0{fresh[key]}\n".encode())
+    if memo is not None and any(k not in known for k in fresh):
+        merged = {**known, **fresh}  # entries of files that no longer exist are dropped
+        write_json_atomic(memo, {k: v for k, v in merged.items() if Path(k.rsplit("|", 2)[0]).exists()})
     return digest.hexdigest()
 
 

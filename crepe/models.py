@@ -279,7 +279,8 @@ def resolve_source(spec: str) -> tuple[str, Path | str, str, dict[str, Any]]:
         check_model_folder(local)
         folder = local.resolve()
         src = folder / SOURCE_FILE
-        return "local", folder, sha256_folder(folder, exclude=("crepe_manifest.json",)), (
+        digest = sha256_folder(folder, exclude=("crepe_manifest.json",), memo=cache_dir() / "file-hashes.json")
+        return "local", folder, digest, (
             {"source": json.loads(src.read_text())} if src.is_file() else {}
         )
     hub = spec.removeprefix("hf:")

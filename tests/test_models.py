@@ -104,3 +104,27 @@ def test_load_model_local_folder(tiny_dir, dtype):
     assert lm.model.config.use_cache is False
     again = load_model(str(tiny_dir), dtype=dtype, device="cpu")
     assert again.info.content_hash == lm.info.content_hash
+
+
+def test_folder_hash_memo_reuses_and_detects_changes(tmp_path, monkeypatch):
+    from crepe import io
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"one")
+    (folder / "crepe_manifest.json").write_text("{}")
+    memo = tmp_path / "memo.json"
+    first = io.sha256_folder(folder, exclude=("crepe_manifest.json",), memo=memo)
+    assert memo.is_file() and first == io.sha256_folder(folder, exclude=("crepe_manifest.json",))
+    calls = []
+    monkeypatch.setattr(io, "sha256_file", lambda p: calls.append(p) or "x")
+    assert io.sha256_folder(folder, exclude=("crepe_manifest.json",), memo=memo) == first
+    assert calls == [], "an unchanged file must not be read again"
+    monkeypatch.undo()
+    (folder / "a.bin").write_bytes(b"two!")
+    assert io.sha256_folder(folder, exclude=("crepe_manifest.json",), memo=memo) != first
+    (folder / "crepe_manifest.json").write_text('{"changed": true}')
+    memo.write_text("not json")
+    assert io.sha256_folder(folder, exclude=("crepe_manifest.json",), memo=memo) == io.sha256_folder(
+        folder, exclude=("crepe_manifest.json",)
+    )
