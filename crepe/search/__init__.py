@@ -37,3 +37,16 @@ __all__ = [
     "sampler_from_state",
     "target_input_norm",
 ]
+
+from crepe.search.driver import Trial, load_resume_state, run_pho, screen, select_candidates, verify  # noqa: E402
+from crepe.search.hillclimb import hill_climb  # noqa: E402
+
+__all__ += [
+    "Trial",
+    "hill_climb",
+    "load_resume_state",
+    "run_pho",
+    "screen",
+    "select_candidates",
+    "verify",
+]
