@@ -37,7 +37,7 @@ from bench._common import (
     verdict,
     wait_for_quiet,
 )
-from crepe.neighborhood import neighborhood_sum
+from crepe.neighborhood import neighborhood_kernel, neighborhood_sum
 
 METHODS = ("sat", "separable", "conv")
 FULL_SHAPES = "4096x4096,11008x4096"
@@ -46,20 +46,10 @@ ERR_TARGET = 1e-5
 K_TOLERANCE = 0.10  # sat(K=11)/sat(K=9) within 1 +- this counts as "independent of K"
 
 
-def mask_kernel(kernel_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """The K x K 0/1 window (ones off the centre row and column, plus the centre), built here."""
-    r = kernel_size // 2
-    k = torch.ones(kernel_size, kernel_size, dtype=dtype)
-    k[r, :] = 0
-    k[:, r] = 0
-    k[r, r] = 1
-    return k
-
-
 def reference_conv64(a: torch.Tensor, kernel_size: int, chunk_rows: int = 512) -> torch.Tensor:
     """Masked conv2d on float64 input, zero-padded, computed in row chunks with a halo."""
     a64 = a.to(torch.float64)
-    kernel = mask_kernel(kernel_size, torch.float64)[None, None]
+    kernel = neighborhood_kernel(kernel_size, torch.float64)[None, None]
     r = kernel_size // 2
     n = a64.shape[0]
     out = torch.empty_like(a64)

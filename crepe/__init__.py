@@ -8,9 +8,11 @@ Public API (pure library: torch and transformers; never prefect, mlflow or dvc):
 - ``neighborhood_sum(abs_weight, kernel_size)``: CRePE's cross-excluding K x K window sum;
 - ``select_mask(scores, sparsity=None, pattern=None, group="layer")``: bool keep-masks;
 - ``prune_model(model, calib_ids, PruneConfig(...))``: sequential layer-wise pruning;
-- ``perplexity(model, input_ids, seqlen, max_windows)``: the WikiText-2 protocol.
+- ``perplexity(model, input_ids, seqlen, max_windows)``: the WikiText-2 protocol;
+- ``data.get_calibration`` / ``data.get_eval_tokens``: seeded C4 windows and WikiText-2 tokens.
 """
 
+from crepe import data
 from crepe.errors import CrepeError
 from crepe.evaluate import PerplexityResult, perplexity
 from crepe.masks import measure_sparsity, nm_groups_valid, select_mask
@@ -34,6 +36,7 @@ __all__ = [
     "PruneReport",
     "SparsitySpec",
     "__version__",
+    "data",
     "get_scorer",
     "load_model",
     "measure_sparsity",

@@ -132,7 +132,7 @@ def load_calibration_docs(source: str = "auto", data_dir: str | Path | None = No
             fingerprint = getattr(ds, "_fingerprint", "") or sha256_text("\0".join(docs[:100]))
             return docs, DataInfo("c4-hub", f"allenai/c4:{C4_HUB_SHARD}", fingerprint, len(docs))
         except Exception as exc:  # offline, missing package, hub error
-            errors.append(f"allenai/c4 unavailable ({type(exc).__name__})")
+            errors.append(f"allenai/c4 unavailable ({type(exc).__name__}: {str(exc)[:200]})")
             if source == "c4-hub":
                 raise CrepeError(f"could not load allenai/c4 from the hub: {exc}") from None
     if source == "c4":
@@ -164,6 +164,8 @@ def sample_calibration(
             if len(ids) > seqlen:
                 break
             draws += 1
+            # After many fruitless draws, check once whether any document is long enough at all
+            # (tokenizing the whole corpus) instead of looping forever on a corpus of short texts.
             if draws == 50 * len(docs) and not any(len(tokens(j)) > seqlen for j in range(len(docs))):
                 longest = max(len(tokens(j)) for j in range(len(docs)))
                 raise CrepeError(
@@ -219,7 +221,7 @@ def load_eval_text(
             text = "\n\n".join(rows)
             return text, DataInfo("wikitext2-hub", f"wikitext/wikitext-2-raw-v1:{split}", sha256_text(text), len(rows), split)
         except Exception as exc:
-            errors.append(f"wikitext unavailable on the hub ({type(exc).__name__})")
+            errors.append(f"wikitext unavailable on the hub ({type(exc).__name__}: {str(exc)[:200]})")
             if source == "wikitext2-hub":
                 raise CrepeError(f"could not load wikitext from the hub: {exc}") from None
     if source == "wikitext2":

@@ -6,6 +6,7 @@ and writes artifacts atomically (a temp folder renamed into place).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -40,14 +41,15 @@ class Budget:
     seqlen: int = 2048
     eval_seqlen: int | None = None  # None: same as seqlen
     max_windows: int | None = None  # None: the whole split
-    batch_size: int = 8
+    batch_size: int = 8  # calibration windows per forward pass
+    eval_batch_size: int = 4  # perplexity windows per forward pass (logits are seqlen x vocab each)
     seed: int = 0
     calib_source: str = "auto"
     eval_source: str = "auto"
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("calib_samples", "seqlen", "batch_size"):
+        for name in ("calib_samples", "seqlen", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise CrepeError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -143,8 +145,20 @@ def _provenance() -> dict[str, Any]:
     }
 
 
-def load(spec: str, dtype: str, device: str) -> LoadedModel:
-    return load_model(spec, dtype=dtype, device=device)
+def calibrate(lm: LoadedModel, budget: Budget) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The seeded calibration windows of ``budget`` and their provenance (for the manifest)."""
+    seed_everything(budget.seed)
+    ids, info = data_mod.get_calibration(
+        lm.tokenizer, budget.calib_samples, budget.seqlen, budget.seed, budget.calib_source, budget.data_dir
+    )
+    tokens_sha = hashlib.sha256(ids.cpu().contiguous().numpy().tobytes()).hexdigest()
+    return ids, {
+        **info.as_dict(),
+        "n_samples": budget.calib_samples,
+        "seqlen": budget.seqlen,
+        "seed": budget.seed,
+        "tokens_sha256": tokens_sha,
+    }
 
 
 def prune_loaded(
@@ -153,24 +167,17 @@ def prune_loaded(
     budget: Budget,
     blocks: str | None = None,
     progress: Progress | None = None,
+    calibration: tuple[torch.Tensor, dict[str, Any]] | None = None,
 ) -> tuple[PruneReport, dict[str, Any]]:
-    """Calibrate and prune an already loaded model in place; returns the report and data info."""
+    """Calibrate (unless ``calibration`` is given) and prune a loaded model in place.
+
+    Returns the report and the data provenance. Methods without calibration get none.
+    """
     seed_everything(budget.seed)
     calib_ids = None
     data_info: dict[str, Any] = {"calibration": None}
     if get_scorer(config.method).needs_activations:
-        calib_ids, info = data_mod.get_calibration(
-            lm.tokenizer, budget.calib_samples, budget.seqlen, budget.seed, budget.calib_source, budget.data_dir
-        )
-        data_info = {
-            "calibration": {
-                **info.as_dict(),
-                "n_samples": budget.calib_samples,
-                "seqlen": budget.seqlen,
-                "seed": budget.seed,
-                "tokens_sha256": _tensor_sha(calib_ids),
-            }
-        }
+        calib_ids, data_info["calibration"] = calibration or calibrate(lm, budget)
     report = prune_model(
         lm.model,
         calib_ids,
@@ -181,12 +188,6 @@ def prune_loaded(
         progress=(lambda i, n, _s: progress("prune", i, n)) if progress else None,
     )
     return report, data_info
-
-
-def _tensor_sha(t: torch.Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha256(t.cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def evaluate_loaded(
@@ -200,7 +201,7 @@ def evaluate_loaded(
         ids,
         budget.eval_len,
         max_windows=budget.max_windows,
-        batch_size=max(1, min(budget.batch_size, 4)),
+        batch_size=budget.eval_batch_size,
         device=lm.info.device,
         blockwise=lm.info.offload,
         progress=(lambda d, n: progress("eval", d, n)) if progress else None,
@@ -240,7 +241,7 @@ def run_prune(
     """Load ``model``, prune it with ``config``, save it to ``out`` with a manifest; return the manifest."""
     out_dir = check_out_dir(out, overwrite)
     started = time.perf_counter()
-    lm = load(model, dtype, device)
+    lm = load_model(model, dtype=dtype, device=device)
     report, data_info = prune_loaded(lm, config, budget, blocks, progress)
     manifest: dict[str, Any] = {
         "kind": "crepe-pruned-model",
@@ -270,7 +271,7 @@ def run_eval(
     device: str = "auto",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    lm = load(model, dtype, device)
+    lm = load_model(model, dtype=dtype, device=device)
     result = evaluate_loaded(lm, budget, split, progress)
     return {"model": lm.info.as_dict(), "perplexity": result, **_provenance()}
 
@@ -291,20 +292,20 @@ def run_compare(
     configs = [
         build_config(m, p, (params or {}).get(m)) for p in patterns for m in methods if m != "dense"
     ]
-    lm = load(model, dtype, device)
+    lm = load_model(model, dtype=dtype, device=device)
     tokens = data_mod.get_eval_tokens(lm.tokenizer, split, budget.eval_source, budget.data_dir)
+    # One calibration set for every method (sampled once; identical windows by construction).
+    calibration = calibrate(lm, budget) if any(get_scorer(c.method).needs_activations for c in configs) else None
     log(f"model: {lm.info.spec} ({lm.info.architecture}, {lm.info.n_params / 1e6:.1f}M params, {lm.info.dtype}, {lm.info.device})")
     log(f"evaluation: {tokens[1].source} {split} ({tokens[1].path})")
     rows: list[dict[str, Any]] = []
-    calib_info: dict[str, Any] | None = None
     if "dense" in methods:
         res = evaluate_loaded(lm, budget, split, progress, tokens)
         rows.append({"method": "dense", "pattern": "-", "ppl": res["ppl"], "sparsity": 0.0, "prune_s": 0.0, "params": {}})
         log(f"dense: ppl {res['ppl']:.3f}")
     for config in configs:
-        lm = load(model, dtype, device)  # a fresh, unpruned copy (cached conversion: fast)
-        report, data_info = prune_loaded(lm, config, budget, None, progress)
-        calib_info = data_info["calibration"] or calib_info
+        lm = load_model(model, dtype=dtype, device=device)  # a fresh, unpruned copy (cached: fast)
+        report, _ = prune_loaded(lm, config, budget, None, progress, calibration)
         res = evaluate_loaded(lm, budget, split, progress, tokens)
         label = config.sparsity.label
         rows.append({
@@ -320,7 +321,7 @@ def run_compare(
     return {
         "model": lm.info.as_dict(),
         "evaluation": {"split": split, **tokens[1].as_dict(), "seqlen": budget.eval_len, "max_windows": budget.max_windows},
-        "calibration": calib_info,
+        "calibration": calibration[1] if calibration else None,
         "budget": budget.__dict__,
         "rows": rows,
         **_provenance(),
@@ -349,6 +350,7 @@ __all__ = [
     "MANIFEST",
     "Budget",
     "build_config",
+    "calibrate",
     "check_out_dir",
     "format_table",
     "load_params_file",

@@ -23,22 +23,17 @@ from crepe.types import NMPattern, check_group, check_sparsity
 LAYER_RULES = ("exact", "threshold")
 
 
-def _prune_lowest_k(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+def _prune_lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask (True = prune) of the ``k`` lowest entries along the last dim, ties by position."""
-    width = scores.shape[-1]
-    if isinstance(k, int):
-        if k <= 0:
-            return torch.zeros_like(scores, dtype=torch.bool)
-        if k >= width:
-            return torch.ones_like(scores, dtype=torch.bool)
-        tau = scores.kthvalue(k, dim=-1, keepdim=True).values
-        need = k - (scores < tau).sum(dim=-1, keepdim=True)
-    else:
-        raise TypeError("k must be an int")
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= scores.shape[-1]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    tau = scores.kthvalue(k, dim=-1, keepdim=True).values
     below = scores < tau
     tie = scores == tau
-    tie_rank = torch.cumsum(tie.to(torch.int32), dim=-1)
-    return below | (tie & (tie_rank <= need))
+    need = k - below.sum(dim=-1, keepdim=True)  # how many of the ties to prune, in index order
+    return below | (tie & (torch.cumsum(tie.to(torch.int32), dim=-1) <= need))
 
 
 def _check_scores(scores: torch.Tensor) -> torch.Tensor:

@@ -326,8 +326,8 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(target, revision=kwargs.get("revision"))
-    except CrepeError:
-        raise
+    except (CrepeError, MemoryError, torch.OutOfMemoryError):
+        raise  # out of memory is not a bad input: let it surface as such
     except OSError as exc:
         raise CrepeError(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:

@@ -87,7 +87,9 @@ def _add_budget_args(p: argparse.ArgumentParser, calib: int, seqlen: int, window
     g.add_argument("--seqlen", type=_positive_int, default=seqlen, help=f"tokens per window (default {seqlen})")
     g.add_argument("--max-windows", type=_positive_int, default=windows,
                    help="evaluate only the first N perplexity windows (default: %(default)s = all)")
-    g.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default 8)")
+    g.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward pass (default 8)")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=4,
+                   help="perplexity windows per forward pass (default 4; each holds seqlen x vocab logits)")
     g.add_argument("--seed", type=_nonneg_int, default=0, help="calibration sampling seed (default 0)")
     g.add_argument("--calib-source", default="auto", help="auto, c4, c4-local, c4-hub or pydoc")
     g.add_argument("--eval-source", default="auto", help="auto, wikitext2, wikitext2-local, wikitext2-hub or pydoc")
@@ -158,7 +160,7 @@ def _budget(args: argparse.Namespace) -> Any:
 
     return Budget(
         calib_samples=args.calib_samples, seqlen=args.seqlen, max_windows=args.max_windows,
-        batch_size=args.batch_size, seed=args.seed, calib_source=args.calib_source,
+        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, seed=args.seed, calib_source=args.calib_source,
         eval_source=args.eval_source, data_dir=args.data_dir,
     )
 
@@ -176,16 +178,19 @@ def _method_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from crepe.jobs import build_config, check_out_dir, run_prune
+    from crepe.jobs import build_config, run_prune
 
     config = build_config(args.method, args.sparsity, _method_params(args), args.group, args.rule)
     budget = _budget(args)
-    check_out_dir(args.out, args.overwrite)
     print(f"[crepe] pruning {args.model} with {args.method} at {config.sparsity.label} -> {args.out}")
     manifest = run_prune(args.model, config, args.out, budget, args.dtype, args.device, args.blocks,
                          args.overwrite, args.eval_split, _progress_factory(not args.no_progress))
     prune = manifest["prune"]
     nm = "" if prune["nm_valid"] is None else f", every {config.sparsity.pattern} group valid: {prune['nm_valid']}"
+    calib = manifest["data"]["calibration"]
+    if calib:
+        print(f"[crepe] calibration: {calib['n_samples']} x {calib['seqlen']} tokens from {calib['source']} "
+              f"({calib['path']}, sha256 {calib['sha256'][:12]}...)")
     per_layer = [layer["sparsity"] for layer in prune["layers"]]
     print(f"[crepe] {prune['n_linears']} linears pruned, overall sparsity {prune['overall_sparsity']:.4f} "
           f"(per layer {min(per_layer):.4f}..{max(per_layer):.4f}){nm}")
@@ -211,12 +216,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace, methods: list[str], patterns: list[str]) -> dict[str, Any]:
-    from crepe.jobs import build_config, run_compare
+    from crepe.jobs import run_compare
 
-    for m in methods:
-        if m != "dense":
-            for p in patterns:
-                build_config(m, p)
     return run_compare(args.model, methods, patterns, _budget(args), None, args.dtype, args.device,
                        "test", _progress_factory(not args.no_progress))
 
@@ -238,12 +239,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_table(args: argparse.Namespace) -> int:
     from crepe.io import write_json_atomic, write_text_atomic
     from crepe.jobs import format_table
-    from crepe.types import parse_sparsity
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
-    for p in patterns:
-        parse_sparsity(p)
     result = _compare(args, methods, patterns)
     table = format_table(result["rows"], patterns)
     print(table)

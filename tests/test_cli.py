@@ -54,6 +54,7 @@ def test_prune_writes_loadable_folder_and_manifest(tiny, tmp_path, capsys):
                              "validation", *HERMETIC], capsys)
     assert code == 0, err
     assert "14 linears pruned" in stdout
+    assert "calibration: 4 x 32 tokens from pydoc" in stdout
     manifest = json.loads((out / "crepe_manifest.json").read_text())
     assert manifest["prune"]["config"]["method"] == "crepe"
     assert manifest["prune"]["config"]["pattern"] == "2:4"

@@ -62,22 +62,15 @@ def test_screen_budget_and_determinism(sampler, tmp_path):
 
 KILLER = textwrap.dedent(
     """
-    import os, signal, sys
+    import sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
+    from crash import sigkill_on_call
     from test_search_driver import fake_objective
     from crepe.search.driver import screen
     from crepe.search.space import SearchSpace
 
-    calls = 0
-    def objective(params):
-        global calls
-        calls += 1
-        if calls == {kill_at}:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return fake_objective(params)
-
-    screen(objective, SearchSpace(), {sampler!r}, {n}, 5, Path({state!r}), {{"model": "x"}})
+    screen(sigkill_on_call(fake_objective, {kill_at}), SearchSpace(), {sampler!r}, {n}, 5, Path({state!r}), {{"model": "x"}})
     """
 )
 

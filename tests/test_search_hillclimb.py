@@ -83,21 +83,14 @@ def test_nan_never_best():
 
 KILLER = textwrap.dedent(
     """
-    import os, signal, sys
+    import sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
+    from crash import sigkill_on_call
     from test_search_hillclimb import bowl
     from crepe.search.hillclimb import hill_climb
 
-    calls = 0
-    def f(params):
-        global calls
-        calls += 1
-        if calls == {kill_at}:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return bowl(params)
-
-    hill_climb(f, max_evals=30, state_path=Path({state!r}), config={{"model": "x"}})
+    hill_climb(sigkill_on_call(bowl, {kill_at}), max_evals=30, state_path=Path({state!r}), config={{"model": "x"}})
     """
 )
 

@@ -13,24 +13,9 @@ import torch
 from crepe.scoring import register_scorer
 
 
-def safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den`` with 0 wherever ``den == 0`` (all-zero rows, columns or windows)."""
-    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), 0.0)
-
-
 def safe_inverse(den: torch.Tensor) -> torch.Tensor:
     """``1 / den`` with 0 where ``den == 0``: the guard for all-zero rows and columns."""
-    return safe_ratio(torch.ones_like(den), den)
-
-
-def row_term(abs_weight: torch.Tensor) -> torch.Tensor:
-    """``A_ij / r_i``: each weight relative to its output row."""
-    return abs_weight * safe_inverse(abs_weight.sum(dim=1))[:, None]
-
-
-def column_term(abs_weight: torch.Tensor) -> torch.Tensor:
-    """``A_ij / c_j``: each weight relative to its input column."""
-    return abs_weight * safe_inverse(abs_weight.sum(dim=0))[None, :]
+    return torch.where(den > 0, 1.0 / torch.where(den > 0, den, torch.ones_like(den)), 0.0)
 
 
 def relative_importance(abs_weight: torch.Tensor, alpha: float = 1.0, beta: float = 1.0) -> torch.Tensor:
