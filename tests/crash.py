@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def sigkill_on_call(fn: Callable[..., Any], kill_at: int) -> Callable[..., Any]:
