@@ -1,4 +1,4 @@
-"""The ``crepe`` command line: prune, eval, demo, table, methods.
+"""The ``crepe`` command line: prune, eval, search, hill-climb, proxy-study, demo, table, methods.
 
 User errors print one sentence to stderr and exit with status 2, never a traceback.
 """
@@ -152,7 +152,68 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget_args(p, calib=TABLE_BUDGET["calib_samples"], seqlen=TABLE_BUDGET["seqlen"], windows=TABLE_BUDGET["max_windows"])
 
     sub.add_parser("methods", help="list the pruning methods and their default parameters")
+    _add_search_parsers(sub)
     return parser
+
+
+def _bounds(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH (two numbers separated by a comma)")
+    return (_float(parts[0]), _float(parts[1]))
+
+
+def _add_search_common(p: argparse.ArgumentParser, out: str) -> None:
+    _add_model_args(p)
+    p.add_argument("--sparsity", required=True, help="a fraction in [0, 1) such as 0.5, or N:M such as 2:4 or 4:8")
+    p.add_argument("--out", default=out, help="output folder; rerunning the same command there resumes (default %(default)s)")
+    p.add_argument("--rule", choices=["exact", "threshold"], default="exact",
+                   help="per-layer selection rule of the prune and the proxy (default exact)")
+    p.add_argument("--blocks", help="dotted path of the decoder block list, when auto-detection fails")
+    g = p.add_argument_group("search space (alpha, beta linear; gamma on a log10 scale)")
+    g.add_argument("--alpha-bounds", type=_bounds, default=(0.0, 2.0), metavar="LO,HI", help="default 0,2")
+    g.add_argument("--beta-bounds", type=_bounds, default=(0.0, 2.0), metavar="LO,HI", help="default 0,2")
+    g.add_argument("--log10-gamma-bounds", type=_bounds, default=(-5.0, 0.0), metavar="LO,HI", help="default -5,0")
+    g.add_argument("--kernel-size", type=int, default=9, help="fixed neighbourhood window K (default 9)")
+    _add_budget_args(p, calib=128, seqlen=2048, windows=None)
+
+
+def _add_search_parsers(sub: Any) -> None:
+    p = sub.add_parser(
+        "search", help="PHO: find CRePE's alpha, beta, gamma by proxy screening + validation-PPL verification",
+        description="Stage 1 scores --trials candidates by gini_pruned of one module (block 0's q_proj by "
+        "default); stage 2 fully prunes the --top-k best plus the RIA point and keeps the lowest WikiText-2 "
+        "validation perplexity; the winner is then reported on the test split. Writes pho.json, state.json "
+        "and plots to --out; rerun the same command to resume after an interruption.")
+    _add_search_common(p, "runs/search")
+    p.add_argument("--sampler", default="cmaes", help="cmaes (default), tpe or random")
+    p.add_argument("--trials", type=int, default=60, help="stage-1 proxy evaluations (default 60)")
+    p.add_argument("--top-k", type=int, default=10, help="candidates verified by perplexity in stage 2 (default 10)")
+    p.add_argument("--sigma", type=_float, default=0.25, help="CMA-ES initial step in unit-cube coordinates (default 0.25)")
+    p.add_argument("--search-kernel", action="store_true", help="also search K in {3, 5, 7, 9, 11}")
+    p.add_argument("--target-module", default="self_attn.q_proj", help="proxy module inside a block (default %(default)s)")
+    p.add_argument("--target-block", type=_nonneg_int, default=0, help="proxy block index (default 0)")
+    p.add_argument("--skip-test", action="store_true", help="do not report the winner's test perplexity")
+
+    p = sub.add_parser(
+        "hill-climb", help="the slow baseline: coordinate search on validation perplexity from the RIA point",
+        description="Coordinate hill climbing over (alpha, beta, log10 gamma) with a shrinking step, every "
+        "point scored by a full prune and WikiText-2 validation perplexity; the best point is reported on "
+        "the test split. Resumable like search.")
+    _add_search_common(p, "runs/hill-climb")
+    p.add_argument("--max-evals", type=_positive_int, default=None, help="stop after N evaluations (default 30 "
+                   "unless --max-seconds is given)")
+    p.add_argument("--max-seconds", type=_float, default=None, help="stop after this much evaluation time")
+    p.add_argument("--skip-test", action="store_true", help="do not report the best point's test perplexity")
+
+    p = sub.add_parser(
+        "proxy-study", help="how well each proxy predicts perplexity on this model (the paper's Table 2)",
+        description="Samples --configs seeded configurations, computes every proxy and the validation "
+        "perplexity of each, and reports Spearman's rho per proxy with one scatter plot each.")
+    _add_search_common(p, "runs/proxy-study")
+    p.add_argument("--configs", type=int, default=32, help="configurations to sample (default 32)")
+    p.add_argument("--target-module", default="self_attn.q_proj", help="proxy module inside a block (default %(default)s)")
+    p.add_argument("--target-block", type=_nonneg_int, default=0, help="proxy block index (default 0)")
 
 
 def _budget(args: argparse.Namespace) -> Any:
@@ -306,7 +367,82 @@ def cmd_methods(_args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo, "table": cmd_table, "methods": cmd_methods}
+def _space(args: argparse.Namespace, search_kernel: bool = False) -> Any:
+    from crepe.search.space import KERNEL_CHOICES, SearchSpace
+
+    return SearchSpace(args.alpha_bounds, args.beta_bounds, args.log10_gamma_bounds, args.kernel_size,
+                       KERNEL_CHOICES if search_kernel else None)
+
+
+def _search_context(args: argparse.Namespace) -> Any:
+    from crepe.search.runs import SearchContext
+    from crepe.types import parse_sparsity
+
+    spec = parse_sparsity(args.sparsity)
+    budget = _budget(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        from crepe.errors import CrepeError
+
+        raise CrepeError(f"--out {out} exists and is a file; give a folder path")
+    print(f"[crepe] loading {args.model}; calibration {args.calib_samples} x {args.seqlen} tokens")
+    ctx = SearchContext.create(args.model, spec, budget, args.dtype, args.device, args.rule, args.blocks,
+                               _progress_factory(not args.no_progress))
+    calib = ctx.calibration[1]
+    print(f"[crepe] calibration from {calib['source']} ({calib['path']}); results -> {out}")
+    return ctx
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from crepe.search.runs import check_search_args, run_search
+
+    space = _space(args, args.search_kernel)
+    check_search_args(args.sampler, args.trials, args.top_k, space.dim)
+    if args.sigma <= 0:
+        from crepe.errors import CrepeError
+
+        raise CrepeError(f"--sigma {args.sigma!r} must be a positive number (unit-cube coordinates)")
+    ctx = _search_context(args)
+    result = run_search(ctx, args.out, args.sampler, args.trials, args.top_k, args.seed, space,
+                        args.target_module, args.target_block, args.sigma, not args.skip_test)
+    t = result["totals"]
+    print(f"[crepe] stage 1: {t['n_trials']} trials in {t['stage1_seconds']:.1f} s "
+          f"(+{t['target_norm_seconds']:.1f} s input norms); stage 2: {t['n_verified']} candidates in "
+          f"{t['stage2_seconds']:.1f} s")
+    print(f"[crepe] wrote {Path(args.out) / 'pho.json'}; apply it with: crepe prune --method crepe "
+          f"--sparsity {args.sparsity} --params-from {Path(args.out) / 'pho.json'} --out DIR")
+    return 0
+
+
+def cmd_hill_climb(args: argparse.Namespace) -> int:
+    from crepe.search.runs import run_hill_climb
+
+    space = _space(args)
+    max_evals = args.max_evals if args.max_evals or args.max_seconds else 30
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        from crepe.errors import CrepeError
+
+        raise CrepeError(f"--max-seconds {args.max_seconds!r} must be a positive number")
+    ctx = _search_context(args)
+    result = run_hill_climb(ctx, args.out, max_evals, args.max_seconds, space, None, not args.skip_test)
+    print(f"[crepe] {result['n_evals']} evaluations in {result['totals']['eval_seconds']:.1f} s; "
+          f"wrote {Path(args.out) / 'hill_climb.json'}")
+    return 0
+
+
+def cmd_proxy_study(args: argparse.Namespace) -> int:
+    from crepe.search.runs import run_proxy_study, study_points
+
+    space = _space(args)
+    study_points(space, args.configs, args.seed)  # validates --configs before loading anything
+    ctx = _search_context(args)
+    run_proxy_study(ctx, args.out, args.configs, args.seed, space, args.target_module, args.target_block)
+    print(f"[crepe] wrote {Path(args.out) / 'proxy_study.json'} and one plot per proxy")
+    return 0
+
+
+COMMANDS = {"search": cmd_search, "hill-climb": cmd_hill_climb, "proxy-study": cmd_proxy_study,
+            "prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo, "table": cmd_table, "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"crepe: error: {exc}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("crepe: interrupted\n")
+        resumable = args.command in ("search", "hill-climb", "proxy-study")
+        sys.stderr.write("crepe: interrupted" + ("; rerun the same command to resume\n" if resumable else "\n"))
         return 130
 
 

@@ -43,13 +43,15 @@ class Trial:
     params: dict[str, Any]
     proxies: dict[str, float]
     seconds: float
+    cpu_seconds: float = 0.0  # this process's CPU time (less sensitive than wall time to a shared CPU)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Trial:
-        return cls(int(data["index"]), dict(data["params"]), dict(data["proxies"]), float(data["seconds"]))
+        return cls(int(data["index"]), dict(data["params"]), dict(data["proxies"]), float(data["seconds"]),
+                   float(data.get("cpu_seconds", 0.0)))
 
 
 # --- state files ----------------------------------------------------------------------------------
@@ -158,15 +160,15 @@ def screen(
     while not sampler.done:
         u = sampler.ask()
         params = space.from_unit(u)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         proxies = {k: float(v) for k, v in objective(dict(params)).items()}
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         if OBJECTIVE_PROXY not in proxies:
             raise CrepeError(
                 f"the objective returned proxies {sorted(proxies)!r} without {OBJECTIVE_PROXY!r}; it must return it"
             )
         sampler.tell(u, proxies[OBJECTIVE_PROXY])
-        trials.append(Trial(len(trials), params, proxies, seconds))
+        trials.append(Trial(len(trials), params, proxies, seconds, cpu))
         state["sampler"] = sampler.state_dict()
         state["trials"] = [t.to_dict() for t in trials]
         _save(state_path, state)
@@ -248,10 +250,10 @@ def verify(
             )
         results = [dict(r) for r in stage2.get("results", [])]
     for i in range(len(results), len(cands)):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         ppl = float(evaluate(dict(cands[i])))
-        seconds = time.perf_counter() - start
-        result: dict[str, Any] = {"index": i, "params": cands[i], "ppl": ppl, "seconds": seconds}
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        result: dict[str, Any] = {"index": i, "params": cands[i], "ppl": ppl, "seconds": seconds, "cpu_seconds": cpu}
         if not math.isfinite(ppl):
             result["ppl"], result["ppl_raw"] = None, repr(ppl)
         results.append(result)
@@ -317,5 +319,7 @@ def run_pho(
             "n_verified": len(results),
             "stage1_seconds": sum(t.seconds for t in trials),
             "stage2_seconds": sum(r["seconds"] for r in results),
+            "stage1_cpu_seconds": sum(t.cpu_seconds for t in trials),
+            "stage2_cpu_seconds": sum(r.get("cpu_seconds", 0.0) for r in results),
         },
     }

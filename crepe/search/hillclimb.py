@@ -182,9 +182,9 @@ def hill_climb(
         ):
             raise _Stop("max_seconds")
         params = params_of(p)
-        s = time.perf_counter()
+        s, cpu = time.perf_counter(), time.process_time()
         ppl = float(evaluate(dict(params)))
-        seconds = time.perf_counter() - s
+        seconds, cpu = time.perf_counter() - s, time.process_time() - cpu
         finite = math.isfinite(ppl)
         record: dict[str, Any] = {
             "index": len(evaluations),
@@ -192,6 +192,7 @@ def hill_climb(
             "key": list(k),
             "ppl": ppl if finite else None,
             "seconds": seconds,
+            "cpu_seconds": cpu,
         }
         if not finite:
             record["ppl_raw"] = repr(ppl)
