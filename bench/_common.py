@@ -21,7 +21,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
-SECTIONS = ("neighborhood", "prune_time", "prune_memory")
+SECTIONS = ("neighborhood", "prune_time", "prune_memory", "proxy_time")
 
 DOC_TEMPLATE = """# Benchmarks
 
