@@ -57,8 +57,10 @@ PERMUTE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cp": {"importance": "sum", "fallback": True},
     "lsa": {"importance": "sum", "fallback": True, "blocks": 1},
 }
-# Elements per chunk of the (rows, G_b, G_b) broadcast when building an LSA value matrix.
-_LSA_CHUNK_ELEMS = 1 << 22
+# Chunks of the (rows, G_b, G_b) broadcast when building an LSA value matrix: at most this many
+# elements and rows; each chunk is summed in float32 (<= 32 terms) and accumulated in float64.
+_LSA_CHUNK_ELEMS = 1 << 21
+_LSA_CHUNK_ROWS = 32
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -170,7 +172,10 @@ def cp_permutation(scores: torch.Tensor, pattern: NMPattern, importance: str = "
     With ``sigma`` the ascending channel order and chunks ``chunk_k = sigma[kG:(k+1)G]``:
     ``perm[g*M + k] = chunk_k[g]`` for even k and ``chunk_k[G-1-g]`` for odd k.
     """
-    s = _check_inputs(scores, pattern)
+    return _cp(_check_inputs(scores, pattern), pattern, importance)
+
+
+def _cp(s: torch.Tensor, pattern: NMPattern, importance: str) -> torch.Tensor:
     m = pattern.m
     groups = s.shape[1] // m
     sigma = channel_order(s, pattern, importance).cpu()
@@ -193,7 +198,9 @@ def lsa_value_matrix(permuted: torch.Tensor, pattern: NMPattern, slot: int) -> t
     ``permuted`` is the (out, G*M) score slice in the current order. With K = M - N kept per group
     and a_1 >= a_2 >= ... the group's M-1 other values in one row, the top-K sum of those plus a
     candidate x is ``(a_1 + ... + a_{K-1}) + max(x, a_K)``, so
-    ``V[r, g] = Σ_i T[i, r] + Σ_i max(x[i, g], a_K[i, r])``.
+    ``V[r, g] = Σ_i T[i, r] + Σ_i max(x[i, g], a_K[i, r])``. The row sums are float32 over chunks of
+    at most 32 rows accumulated in float64 (about 1e-7 relative); :func:`lsa_refine` re-checks
+    every pass with an exact float64 total, so rounding can never lower the retained score.
     """
     out_dim, width = permuted.shape
     m, k = pattern.m, _keep_count(pattern)
@@ -205,11 +212,11 @@ def lsa_value_matrix(permuted: torch.Tensor, pattern: NMPattern, slot: int) -> t
     kth = top[:, :, k - 1]  # (out, G): a_K[i, r]
     cand = tuples[:, :, slot]  # (out, G): x[i, g]
     value = torch.zeros(groups, groups, dtype=torch.float64, device=permuted.device)
-    step = max(1, _LSA_CHUNK_ELEMS // max(1, groups * groups))
+    step = max(1, min(_LSA_CHUNK_ROWS, _LSA_CHUNK_ELEMS // (groups * groups)))
     for start in range(0, out_dim, step):
         a = kth[start : start + step, :, None]  # (c, G_r, 1)
         x = cand[start : start + step, None, :]  # (c, 1, G_g)
-        value += torch.maximum(a, x).sum(dim=0, dtype=torch.float64)
+        value += torch.maximum(a, x).sum(dim=0)  # float32 over <= 32 rows, then float64
     return value + base[:, None]
 
 
@@ -233,13 +240,15 @@ def lsa_step(
     channel is the old slot-``slot`` channel of its assigned donor group.
     """
     s = _check_inputs(scores, pattern)
-    m = pattern.m
     perm = check_permutation(perm, s.shape[1])
-    if not 0 <= slot < m:
-        raise CrepeError(f"LSA slot {slot} is outside 0..{m - 1}")
-    groups = s.shape[1] // m
-    blocks = _check_blocks(blocks, groups)
-    per_block = groups // blocks
+    if not 0 <= slot < pattern.m:
+        raise CrepeError(f"LSA slot {slot} is outside 0..{pattern.m - 1}")
+    return _lsa_step(s, pattern, perm, slot, _check_blocks(blocks, s.shape[1] // pattern.m))
+
+
+def _lsa_step(s: torch.Tensor, pattern: NMPattern, perm: torch.Tensor, slot: int, blocks: int) -> torch.Tensor:
+    m = pattern.m
+    per_block = s.shape[1] // m // blocks
     new = perm.clone()
     for b in range(blocks):
         lo, hi = b * per_block * m, (b + 1) * per_block * m
@@ -268,19 +277,34 @@ def lsa_refine(
     """M LSA passes (slot 0, 1, ..., M-1, once each, as the official code) starting from ``perm``.
 
     Returns the final permutation and the retained score after each pass (never decreasing: a pass
-    whose float64 total would drop by rounding is discarded).
+    whose exact float64 total would be lower, possible only through rounding, is discarded).
     """
     s = _check_inputs(scores, pattern)
     current = check_permutation(perm, s.shape[1])
-    total = nm_retained(s, pattern, current)
+    blocks = _check_blocks(blocks, s.shape[1] // pattern.m)
+    keep, total = _keep_and_retained(s, pattern, current)
+    current, totals, _ = _lsa_refine(s, pattern, current, blocks, keep, total)
+    return current, totals
+
+
+def _keep_and_retained(s: torch.Tensor, pattern: NMPattern, perm: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The N:M keep-mask of ``s[:, perm]`` (permuted order) and its retained score."""
+    permuted = s[:, perm.to(s.device)]
+    keep = select_mask(permuted, pattern=pattern)
+    return keep, retained_score(permuted, keep)
+
+
+def _lsa_refine(
+    s: torch.Tensor, pattern: NMPattern, perm: torch.Tensor, blocks: int, keep: torch.Tensor, total: float
+) -> tuple[torch.Tensor, list[float], torch.Tensor]:
     totals: list[float] = []
     for slot in range(pattern.m):
-        candidate = lsa_step(s, pattern, current, slot, blocks)
-        cand_total = nm_retained(s, pattern, candidate)
+        candidate = _lsa_step(s, pattern, perm, slot, blocks)
+        cand_keep, cand_total = _keep_and_retained(s, pattern, candidate)
         if cand_total >= total:
-            current, total = candidate, cand_total
+            perm, keep, total = candidate, cand_keep, cand_total
         totals.append(total)
-    return current, totals
+    return perm, totals, keep
 
 
 # --- public entry point --------------------------------------------------------------------------
@@ -320,18 +344,21 @@ def permuted_mask(
     """
     s = _check_inputs(scores, pattern)
     full = _resolve_opts(method, opts)
-    before = nm_retained(s, pattern)
-    perm = cp_permutation(s, pattern, full["importance"])
-    retained_cp = nm_retained(s, pattern, perm)
-    passes: list[float] = []
     if method == "lsa":
-        perm, passes = lsa_refine(s, pattern, perm, full["blocks"])
-    after = nm_retained(s, pattern, perm)
+        _check_blocks(full["blocks"], s.shape[1] // pattern.m)
+    keep_identity = select_mask(s, pattern=pattern)
+    before = retained_score(s, keep_identity)
+    perm = _cp(s, pattern, full["importance"])
+    keep_perm, retained_cp = _keep_and_retained(s, pattern, perm)
+    after, passes = retained_cp, []
+    if method == "lsa":
+        perm, passes, keep_perm = _lsa_refine(s, pattern, perm, full["blocks"], keep_perm, retained_cp)
+        after = passes[-1]
     fallback_used = bool(full["fallback"] and after < before)
     if fallback_used:
-        perm, after = torch.arange(s.shape[1]), before
-    p = perm.to(s.device)
-    keep = unpermute_mask(select_mask(s[:, p], pattern=pattern), p)
+        perm, after, keep = torch.arange(s.shape[1]), before, keep_identity
+    else:
+        keep = unpermute_mask(keep_perm, perm)
     if keep.device != scores.device:
         keep = keep.to(scores.device)
     gain = after - before

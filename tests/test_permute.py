@@ -154,7 +154,7 @@ def test_lsa_step_is_optimal_per_slot(seed, pattern, groups, blocks):
         assert new[other].tolist() == perm[other].tolist()
         got = ref_retained(s, pattern, new.tolist())
         best = brute_force_slot(s, pattern, perm.tolist(), slot, blocks)
-        assert got == pytest.approx(best, rel=1e-9, abs=1e-9)
+        assert got == pytest.approx(best, rel=1e-6)  # V's row sums are float32 per chunk
 
 
 def test_lsa_refine_passes_are_monotone_and_start_from_cp():
