@@ -145,3 +145,17 @@ def test_errors():
         score("stoch_ria", w, seed=1.5)
     with pytest.raises(CrepeError, match="no parameter 'a'"):
         score("stoch_ria", w, a=0.5)
+
+
+@pytest.mark.parametrize("method", ["lp_ria", "stoch_ria", "sym_weight"])
+def test_new_scores_prune_a_tiny_model(method, calib_ids):
+    from tiny_models import build
+
+    from crepe.pruner import PruneConfig, prune_model
+    from crepe.types import parse_sparsity
+
+    model = build("llama", seed=0)
+    report = prune_model(model, calib_ids, PruneConfig(method, parse_sparsity("0.5")), batch_size=4)
+    assert report.sparsity == pytest.approx(0.5, abs=1e-3)  # exact per-layer counts, verified inside
+    report = prune_model(build("llama", seed=0), calib_ids, PruneConfig(method, parse_sparsity("2:4")))
+    assert report.nm_valid
