@@ -98,4 +98,4 @@ def score(
 
 
 from crepe.scoring import crepe as _crepe  # noqa: E402,F401
-from crepe.scoring import magnitude, ria, wanda  # noqa: E402,F401  (registration side effects)
+from crepe.scoring import magnitude, ria, symmetric, wanda  # noqa: E402,F401  (registration side effects)
