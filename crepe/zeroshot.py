@@ -281,11 +281,12 @@ def build_task(name: str, source: TaskSource) -> Any:
         ) from None
     task.set_config(key="num_fewshot", value=0)
     task.set_fewshot_seed(seed=1234)  # simple_evaluate's default; unused at 0 shots
-    n_docs = len(task.eval_docs)
+    n_docs = len(task.task_docs)  # the evaluated split, after lm-eval's process_docs
     if source.kind == "local" and n_docs != TASK_DATA[name].official_count:
         raise CrepeError(
             f"{source.path} holds {n_docs} {name} documents, the official {TASK_DATA[name].split} split has "
-            f"{TASK_DATA[name].official_count}; restore the complete file (see its SOURCE.md) or use --limit"
+            f"{TASK_DATA[name].official_count}; restore the complete file (see its SOURCE.md) and use --limit "
+            "to score fewer documents"
         )
     return task
 
@@ -519,6 +520,8 @@ def _make_live_hflm() -> type:
                         logits = self.model(batch["input_ids"], logits_to_keep=keep, **kwargs).logits
                         if logits.shape[:2] == keep.shape:
                             return logits
+                    except torch.OutOfMemoryError:
+                        raise
                     except (TypeError, IndexError, RuntimeError):
                         pass
                     self._keep_arg = False  # this model cannot take per-row positions

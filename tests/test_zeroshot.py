@@ -470,3 +470,39 @@ def test_prefect_task_logs_metrics_to_mlflow(tiny_lm, monkeypatch) -> None:
     assert "pruned/boolq/acc_norm" not in fake.metrics
     assert fake.params["pruned.limit"] == "2" and fake.params["pruned.lm_eval_version"] == result["lm_eval_version"]
     assert fake.dicts["pruned.json"] is result
+
+
+@needs_data
+def test_results_command_writes_report(tiny_dir, tmp_path, capsys) -> None:
+    from flows.zeroshot_table import main as table_main
+
+    pho = tmp_path / "pho.json"
+    pho.write_text(json.dumps({"winner": {"params": {"alpha": 0.5, "beta": 2.0, "gamma": 0.1, "kernel_size": 3}}}))
+    out, raw = tmp_path / "zs.md", tmp_path / "zs.json"
+    code = table_main(["--model", str(tiny_dir), "--methods", "dense,wanda,crepe", "--limit", "1",
+                       "--calib-samples", "2", "--seqlen", "16", "--calib-source", "pydoc",
+                       "--crepe-params", f"2:4={pho}", "--out", str(out), "--json", str(raw), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(raw.read_text())
+    labels = [(r["method"], r["pattern"]) for r in result["rows"]]
+    assert labels == [("dense", "-"), ("wanda", "50%"), ("crepe", "50%"), ("wanda", "2:4"), ("crepe", "2:4")]
+    crepe24 = result["rows"][-1]
+    assert crepe24["params"]["alpha"] == 0.5 and crepe24["params"]["kernel_size"] == 3
+    assert "PHO result" in crepe24["params_from"] and result["rows"][2]["params_from"].startswith("documented")
+    assert all(r["zero_shot"]["tasks"]["boolq"]["n"] == 1 for r in result["rows"])
+    assert all(r["sparsity"] == pytest.approx(0.5) for r in result["rows"][1:])
+    text = out.read_text()
+    assert "| method | pattern | BoolQ | RTE | MNLI | HellaSwag | ARC-e | ARC-c | avg |" in text
+    assert text.count("| crepe | 2:4 |") == 3 and "## Data files" in text
+
+
+def test_results_command_bad_input(tmp_path, capsys) -> None:
+    from flows.zeroshot_table import main as table_main
+
+    assert table_main(["--tasks", "boolq,squad", "--out", str(tmp_path / "x.md")]) == 2
+    assert "unknown zero-shot task 'squad'" in capsys.readouterr().err
+    pho = tmp_path / "p.json"
+    pho.write_text(json.dumps({"alpha": 1.0}))
+    assert table_main(["--crepe-params", f"4:8={pho}", "--out", str(tmp_path / "x.md")]) == 2
+    assert "not in --patterns" in capsys.readouterr().err
+    assert not (tmp_path / "x.md").exists()
