@@ -276,6 +276,40 @@ def run_eval(
     return {"model": lm.info.as_dict(), "perplexity": result, **_provenance()}
 
 
+def run_zero_shot_job(
+    model: str,
+    tasks: str | list[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    budget: Budget | None = None,
+    split: str = "test",
+    dtype: str = "float32",
+    device: str = "auto",
+    progress: Progress | None = None,
+    data_dir: str | None = None,
+    pack: bool = True,
+) -> dict[str, Any]:
+    """Load ``model`` (spec or pruned folder) and score it 0-shot on lm-eval ``tasks`` (spec §14.2).
+
+    With a ``budget`` the same loaded model is also evaluated for perplexity on ``split``. Task names,
+    ``limit`` and data files are checked before the model is loaded.
+    """
+    from crepe import zeroshot
+
+    names = zeroshot.parse_tasks(tasks)
+    zeroshot.check_limit(limit)
+    data_dir = data_dir if data_dir is not None else (budget.data_dir if budget else None)
+    zeroshot.resolve_sources(names, data_dir)  # a missing file fails here, before loading
+    lm = load_model(model, dtype=dtype, device=device)
+    result: dict[str, Any] = {"model": lm.info.as_dict()}
+    result["zero_shot"] = zeroshot.run_zero_shot(
+        lm.model, lm.tokenizer, names, limit, batch_size, data_dir, progress=progress, pack=pack
+    )
+    if budget is not None:
+        result["perplexity"] = evaluate_loaded(lm, budget, split, progress)
+    return {**result, **_provenance()}
+
+
 def run_compare(
     model: str,
     methods: list[str],
@@ -357,4 +391,5 @@ __all__ = [
     "run_compare",
     "run_eval",
     "run_prune",
+    "run_zero_shot_job",
 ]

@@ -128,11 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_args(p)
     _add_budget_args(p, calib=128, seqlen=2048, windows=None)
 
-    p = sub.add_parser("eval", help="WikiText-2 perplexity of a model or pruned folder",
-                       description="Perplexity on non-overlapping windows of the WikiText-2 raw split.")
+    p = sub.add_parser("eval", help="WikiText-2 perplexity or lm-eval zero-shot accuracy of a model or pruned folder",
+                       description="Perplexity on non-overlapping windows of the WikiText-2 raw split; with "
+                       "--zero-shot, 0-shot accuracy on lm-eval's built-in tasks instead (reading local data "
+                       "files from --data-dir when present, else the hub).")
     _add_model_args(p)
     p.add_argument("--split", default="test", choices=["test", "validation"])
     p.add_argument("--json", help="also write the result as JSON to this file")
+    g = p.add_argument_group("zero-shot (lm-eval)")
+    g.add_argument("--zero-shot", metavar="TASKS",
+                   help="comma-separated lm-eval tasks, or all: boolq, rte, mnli, hellaswag, arc_easy, arc_challenge")
+    g.add_argument("--limit", type=_positive_int, help="score only the first N documents of each task (default: all)")
+    g.add_argument("--zs-batch-size", type=_positive_int,
+                   help="zero-shot rows per forward pass (default: --batch-size)")
+    g.add_argument("--no-pack", action="store_true",
+                   help="score every choice in its own row, bit-identical to lm-eval's HFLM (about 2x slower)")
+    g.add_argument("--ppl", action="store_true", help="with --zero-shot, also measure perplexity")
     _add_budget_args(p, calib=128, seqlen=2048, windows=None)
 
     p = sub.add_parser("demo", help="a short CPU demo: dense vs RIA vs CRePE at 2:4 on the embedded model",
@@ -263,14 +274,33 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from crepe.errors import CrepeError
     from crepe.io import write_json_atomic
-    from crepe.jobs import run_eval
+    from crepe.jobs import run_eval, run_zero_shot_job
 
     budget = _budget(args)
-    result = run_eval(args.model, budget, args.split, args.dtype, args.device, _progress_factory(not args.no_progress))
-    ppl = result["perplexity"]
-    print(f"[crepe] data: {ppl['data']['source']} {args.split} ({ppl['data']['path']})")
-    print(f"perplexity {ppl['ppl']:.4f}  ({ppl['n_windows']} of {ppl['n_windows_available']} windows x {ppl['seqlen']} tokens)")
+    progress = _progress_factory(not args.no_progress)
+    if args.zero_shot is None:
+        for flag, value in (("--limit", args.limit), ("--zs-batch-size", args.zs_batch_size), ("--ppl", args.ppl),
+                            ("--no-pack", args.no_pack)):
+            if value:
+                raise CrepeError(f"{flag} applies to zero-shot evaluation; add --zero-shot TASKS (e.g. --zero-shot all)")
+        result = run_eval(args.model, budget, args.split, args.dtype, args.device, progress)
+    else:
+        from crepe.zeroshot import format_zero_shot_table
+
+        result = run_zero_shot_job(args.model, args.zero_shot, args.limit, args.zs_batch_size or args.batch_size,
+                                   budget if args.ppl else None, args.split, args.dtype, args.device, progress,
+                                   data_dir=args.data_dir, pack=not args.no_pack)
+        zs = result["zero_shot"]
+        sources = " and ".join(sorted({t["source"]["kind"] for t in zs["tasks"].values()}))
+        scope = "all documents" if zs["limit"] is None else f"the first {zs['limit']} documents of each task"
+        print(f"[crepe] zero-shot (0 shots, lm-eval {zs['lm_eval_version']}, {sources} data), {scope}:")
+        print(format_zero_shot_table(zs))
+    if "perplexity" in result:
+        ppl = result["perplexity"]
+        print(f"[crepe] data: {ppl['data']['source']} {args.split} ({ppl['data']['path']})")
+        print(f"perplexity {ppl['ppl']:.4f}  ({ppl['n_windows']} of {ppl['n_windows_available']} windows x {ppl['seqlen']} tokens)")
     if args.json:
         write_json_atomic(args.json, result)
     return 0
