@@ -398,7 +398,7 @@ class PipelineConfig(_Section):
         cls,
         data: Mapping[str, Any] | None,
         overrides: Sequence[str] = (),
-        origin: str = "<config>",
+        origin: str = "",
         marks: Mapping[str, tuple[int, int]] | None = None,
         root: str | Path | None = None,
     ) -> PipelineConfig:
@@ -414,12 +414,13 @@ class PipelineConfig(_Section):
         set_by = apply_overrides(raw, overrides)
         _empty_sections(raw, cls)
         locate = _Locator(origin, dict(marks or {}), set_by)
+        _check_keys(raw, "", locate)
         try:
             cfg = cls.model_validate(raw)
         except ValidationError as exc:
             raise _translate(exc, locate) from None
         cfg = _check_meaning(cfg, locate)
-        cfg._source, cfg._overrides = (None if origin == "<config>" else origin), tuple(overrides)
+        cfg._source, cfg._overrides = (origin if origin and origin != "<defaults>" else None), tuple(overrides)
         cfg._root = Path(root).resolve() if root is not None else Path.cwd()
         return cfg
 
@@ -522,11 +523,16 @@ class PipelineConfig(_Section):
             calib_samples=c.samples, seqlen=c.seqlen, eval_seqlen=p.seqlen,
             max_windows=p.max_windows if max_windows == "eval" else max_windows,
             batch_size=c.batch_size, eval_batch_size=p.batch_size, seed=c.seed,
-            calib_source=self.data.calib_source, eval_source=self.data.eval_source, data_dir=self.data.data_dir,
+            calib_source=self.data.calib_source, eval_source=self.data.eval_source, data_dir=self.data_dir(),
         )
 
+    def data_dir(self) -> str | None:
+        """``data.data_dir`` with a relative path resolved under the project (None: crepe's default lookup)."""
+        return str(self.resolve_path(self.data.data_dir)) if self.data.data_dir else None
+
     def pho_budget(self) -> Any:
-        """The :class:`crepe.jobs.Budget` of PHO's stage 2 (``pho.verify_max_windows`` windows)."""
+        """The :class:`crepe.jobs.Budget` of PHO's stage 2: ``pho.verify_max_windows`` windows of
+        ``eval.ppl.seqlen`` tokens (on ``pho.verify_split``, which the caller passes to the evaluation)."""
         return self.budget(max_windows=self.pho.verify_max_windows)
 
     def search_space(self) -> Any:
@@ -606,6 +612,20 @@ def _empty_sections(raw: dict[str, Any], model: type[BaseModel]) -> None:
                 raw[name] = {}
             if isinstance(raw[name], dict):
                 _empty_sections(raw[name], sub)
+
+
+def _check_keys(node: Any, prefix: str, locate: _Locator) -> None:
+    """Every mapping key is a string (YAML also allows ``1:`` or ``true:``)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if not isinstance(key, str):
+                where = repr(prefix) if prefix else "the top level"
+                raise locate.error(prefix, f"key {key!r} ({_type_name(key)}) under {where} must be a string; "
+                                   "quote it or use a name")
+            _check_keys(value, f"{prefix}.{key}" if prefix else key, locate)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_keys(item, f"{prefix}[{i}]", locate)
 
 
 def _deep_copy(data: Any) -> Any:
@@ -845,6 +865,9 @@ def _check_meaning(cfg: PipelineConfig, locate: _Locator) -> PipelineConfig:
             raise locate.error(f"prune.params.{key}", f"unknown key 'prune.params.{key}': method {p.method!r} has "
                                f"parameters: {', '.join(defaults) or 'none'}{_suggest(key, defaults)}")
         want = type(defaults[key])
+        if defaults[key] is None:  # an optional parameter: the method's own validation decides
+            params[key] = value
+            continue
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if (want is float and not isinstance(value, float)) or (want is not float and type(value) is not want):

@@ -132,11 +132,26 @@ def test_malformed_yaml_reports_line_and_column(tmp_path, text, line_col, words)
     assert words in message
 
 
+def test_non_string_keys(tmp_path):
+    path = write(tmp_path, "prune:\n  params:\n    1: 2\n")
+    assert str(error_of(path)) == f"{path}:2:3: key 1 (integer) under 'prune.params' must be a string; quote it or use a name"
+    assert str(error_of(write(tmp_path, "true: 1\n"))).endswith("key True (boolean) under the top level must be a string; "
+                                                                 "quote it or use a name")
+
+
 def test_missing_file_and_non_mapping(tmp_path):
     assert "does not exist" in str(error_of(tmp_path / "nope.yaml"))
     message = str(error_of(write(tmp_path, "- a\n- b\n")))
     assert message.endswith("must be a mapping of sections (model, data, calibration, prune, pho, refine, "
                             "allocation, eval, tracking, runner, release), not a list")
+
+
+def test_from_mapping_without_a_file():
+    cfg = PipelineConfig.from_mapping({"prune": {"sparsity": 0.5}}, ["pho.n_trials=30"])
+    assert cfg.prune.sparsity == "0.5" and cfg.pho.n_trials == 30 and cfg.source is None
+    with pytest.raises(ConfigError) as info:
+        PipelineConfig.from_mapping({"prune": {"sparsty": 0.5}})
+    assert str(info.value).startswith("unknown key 'prune.sparsty'")  # no file position to give
 
 
 def test_empty_file_and_empty_sections_mean_defaults(tmp_path):
@@ -473,6 +488,9 @@ def test_derived_objects_for_the_stages():
     assert cfg.registered_model_name() == "crepe-smollm2-135m-2of4"
     assert cfg.release_dir() == REPO / "data" / "release"
     assert cfg.sparsity_spec().pattern.m == 4
+    assert cfg.data_dir() is None
+    assert load_config(PARAMS, ["data.data_dir=shared"]).budget().data_dir == str(REPO / "shared")
+    assert load_config(PARAMS, ["data.data_dir=/abs/d"]).data_dir() == "/abs/d"
 
 
 def test_slugs_and_project_root(tmp_path):
