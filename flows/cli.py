@@ -1,4 +1,5 @@
-"""The ``crepe`` command line: prune, eval, search, hill-climb, proxy-study, demo, table, methods.
+"""The ``crepe`` command line: prune, eval, search, hill-climb, proxy-study, demo, table, methods,
+config, prepare, verify.
 
 User errors print one sentence to stderr and exit with status 2, never a traceback.
 """
@@ -164,7 +165,94 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the pruning methods and their default parameters")
     _add_search_parsers(sub)
+    _add_config_parser(sub)
+    _add_prepare_parser(sub)
+    _add_verify_parser(sub)
     return parser
+
+
+# --- crepe config / crepe verify (issue 4: params.yaml and releases) ------------------------------------
+
+
+def _add_config_parser(sub: Any) -> None:
+    from flows.config import add_config_args
+
+    p = sub.add_parser("config", help="validate params.yaml (+ -S overrides) and print the resolved configuration",
+                       description="Validate the pipeline parameters and print every resolved value as YAML.")
+    add_config_args(p)
+    p.add_argument("--out", help="also write the resolved YAML to this file")
+    p.add_argument("--hashes", action="store_true", help="print each section's sha256 (the cache keys) instead")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from flows.config import config_from_args
+
+    cfg = config_from_args(args)
+    if args.hashes:
+        for name, digest in cfg.section_hashes().items():
+            print(f"{name:12s} {digest}")
+        print(f"{'(all)':12s} {cfg.config_hash()}")
+    else:
+        sys.stdout.write(cfg.dump_yaml())
+    if args.out:
+        cfg.write_resolved(args.out)
+    return 0
+
+
+def _add_prepare_parser(sub: Any) -> None:
+    from flows.config import add_config_args
+
+    p = sub.add_parser("prepare", help="resolve the model and data of params.yaml and record their hashes",
+                       description="Write OUT/inputs.json: the base model's content hash and the sha256 of the "
+                       "calibration and evaluation data the configuration selects (the DVC 'prepare' stage).")
+    add_config_args(p)
+    p.add_argument("--out", default="data/prepared", help="output folder (default %(default)s)")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from flows.config import config_from_args
+    from flows.prepare import write_inputs
+
+    cfg = config_from_args(args)
+    path = write_inputs(cfg, args.out)
+    print(f"[crepe] model {cfg.model.spec} and data recorded in {path}")
+    return 0
+
+
+def _add_verify_parser(sub: Any) -> None:
+    p = sub.add_parser("verify", help="check a release folder: file hashes, per-layer sparsity, a quick perplexity",
+                       description="Recompute the sha256 of every file in the manifest, re-count the zeros of every "
+                       "pruned layer (and N:M groups) and re-run the smoke-test perplexity. Exit 0 when all pass, "
+                       "2 with one sentence otherwise. Also accepts a `crepe prune` output folder.")
+    p.add_argument("dir", help="the release folder (holding crepe_release.json)")
+    p.add_argument("--no-ppl", action="store_true", help="skip the smoke-test perplexity")
+    p.add_argument("--rtol", type=_float, default=0.01,
+                   help="allowed relative perplexity difference on the same data (default %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--data-dir", default=None, help="local data folder (default: $CREPE_DATA_DIR, else ../shared/data)")
+    p.add_argument("--json", help="also write the report (with per-layer sparsity) to this file")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from crepe.io import write_json_atomic
+    from crepe.release import verify_release
+
+    report = verify_release(args.dir, quick_ppl=not args.no_ppl, ppl_rtol=args.rtol, device=args.device,
+                            data_dir=args.data_dir)
+    nm = f", every {report['pattern']} group valid" if report["pattern"] else ""
+    print(f"[crepe] {report['files_checked']} files match {report['manifest']}")
+    print(f"[crepe] {report['layers_checked']} pruned layers match, overall sparsity {report['overall_sparsity']:.4f}{nm}")
+    ppl = report["ppl"]
+    if ppl is not None:
+        how = (f"within {args.rtol:.0%} of the recorded {ppl['recorded']:.4f}" if ppl["compared"]
+               else f"finite; not compared: {ppl['reason']}")
+        print(f"[crepe] smoke-test perplexity {ppl['ppl']:.4f} ({ppl['split']}, {ppl['max_windows']} x {ppl['seqlen']}"
+              f" tokens): {how}")
+    if args.json:
+        write_json_atomic(args.json, report)
+    print(f"[crepe] verified {args.dir}")
+    return 0
+
 
 
 def _bounds(text: str) -> tuple[float, float]:
@@ -472,7 +560,8 @@ def cmd_proxy_study(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"search": cmd_search, "hill-climb": cmd_hill_climb, "proxy-study": cmd_proxy_study,
-            "prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo, "table": cmd_table, "methods": cmd_methods}
+            "prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo, "table": cmd_table, "methods": cmd_methods,
+            "config": cmd_config, "prepare": cmd_prepare, "verify": cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:
