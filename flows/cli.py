@@ -1,5 +1,5 @@
 """The ``crepe`` command line: prune, eval, search, hill-climb, proxy-study, demo, table, methods,
-config, prepare, verify.
+config, prepare, verify, ui.
 
 User errors print one sentence to stderr and exit with status 2, never a traceback.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_parser(sub)
     _add_prepare_parser(sub)
     _add_verify_parser(sub)
+    _add_ui_parser(sub)
     return parser
 
 
@@ -253,6 +255,82 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"[crepe] verified {args.dir}")
     return 0
 
+
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a port between 1 and 65535")
+    return value
+
+
+def _add_ui_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "ui", help="open the MLflow UI of this project's runs on http://127.0.0.1 (localhost only)",
+        description="Runs `mlflow ui` on the project's tracking store, bound to 127.0.0.1 so it is reachable "
+        "from this machine only (use an SSH tunnel from elsewhere). Stop it with Ctrl-C.")
+    p.add_argument("--uri", help="tracking URI (default: sqlite:///<project>/mlflow.db, the pipeline's default)")
+    p.add_argument("--project", default=".", help="project folder holding mlflow.db and mlartifacts/ (default: .)")
+    p.add_argument("--port", type=_port, default=5000, help="local port (default %(default)s)")
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import socket
+    import subprocess
+
+    from crepe.errors import CrepeError
+    from tasks.tracking import Tracker, ui_command
+
+    tracker = Tracker(args.uri, args.project)
+    if tracker.remote:
+        print(f"[crepe] {tracker.uri} is a tracking server: it serves the MLflow UI itself; open it in a browser")
+        return 0
+    if tracker.sqlite_path is not None and not tracker.sqlite_path.exists():
+        print(f"[crepe] {tracker.sqlite_path} does not exist yet: no run has been tracked in this project")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", args.port))
+        except OSError:
+            raise CrepeError(f"port {args.port} on 127.0.0.1 is in use; pick another with --port") from None
+    cmd = ui_command(tracker.uri, args.port, tracker.artifact_root)
+    print(f"[crepe] MLflow UI for {tracker.uri}: http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # mlflow ui starts uvicorn as a grandchild: run it in its own process group and stop the whole
+    # group on Ctrl-C or SIGTERM, so no server is left behind listening on the port.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def _stop(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_group(proc)
+
+
+def _stop_group(proc: Any) -> None:
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _bounds(text: str) -> tuple[float, float]:
@@ -561,7 +639,7 @@ def cmd_proxy_study(args: argparse.Namespace) -> int:
 
 COMMANDS = {"search": cmd_search, "hill-climb": cmd_hill_climb, "proxy-study": cmd_proxy_study,
             "prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo, "table": cmd_table, "methods": cmd_methods,
-            "config": cmd_config, "prepare": cmd_prepare, "verify": cmd_verify}
+            "config": cmd_config, "prepare": cmd_prepare, "verify": cmd_verify, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:
