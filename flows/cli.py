@@ -370,6 +370,8 @@ def _add_search_parsers(sub: Any) -> None:
     p.add_argument("--search-kernel", action="store_true", help="also search K in {3, 5, 7, 9, 11}")
     p.add_argument("--target-module", default="self_attn.q_proj", help="proxy module inside a block (default %(default)s)")
     p.add_argument("--target-block", type=_nonneg_int, default=0, help="proxy block index (default 0)")
+    p.add_argument("--search-seed", type=_nonneg_int, default=None,
+                   help="sampler seed (default: --seed, which also seeds the calibration sampling)")
     p.add_argument("--skip-test", action="store_true", help="do not report the winner's test perplexity")
 
     p = sub.add_parser(
@@ -599,7 +601,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         raise CrepeError(f"--sigma {args.sigma!r} must be a positive number (unit-cube coordinates)")
     ctx = _search_context(args)
-    result = run_search(ctx, args.out, args.sampler, args.trials, args.top_k, args.seed, space,
+    seed = args.seed if args.search_seed is None else args.search_seed
+    result = run_search(ctx, args.out, args.sampler, args.trials, args.top_k, seed, space,
                         args.target_module, args.target_block, args.sigma, not args.skip_test)
     t = result["totals"]
     print(f"[crepe] stage 1: {t['n_trials']} trials in {t['stage1_seconds']:.1f} s "
