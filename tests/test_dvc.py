@@ -60,10 +60,10 @@ def test_stages_form_the_pipeline_in_order():
         for out in stage.get("outs", []):
             path = out if isinstance(out, str) else next(iter(out))
             assert path.startswith("data/"), (name, out)
-    assert stages["search"]["outs"] == [{"data/search": {"persist": True}}]  # resumable across dvc repro
         for metric in stage.get("metrics", []):
             (path, opts), = metric.items()
             assert path.startswith("data/metrics/") and opts == {"cache": False}
+    assert stages["search"]["outs"] == [{"data/search": {"persist": True}}]  # resumable across dvc repro
     assert list(dvc_yaml()["plots"][0]) == ["data/metrics/verify.json"]
 
 
