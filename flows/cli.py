@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare_parser(sub)
     _add_verify_parser(sub)
     _add_ui_parser(sub)
+    _add_pipeline_parsers(sub)
     return parser
 
 
@@ -640,9 +641,108 @@ def cmd_proxy_study(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- crepe pipeline / transfer / schedule (issue 4: Prefect flows) ---------------------------------------
+
+
+def _add_pipeline_parsers(sub: Any) -> None:
+    from flows.config import add_config_args
+
+    p = sub.add_parser("pipeline", help="run the whole pipeline (Prefect flow): PHO, prune, evaluate, release, MLflow",
+                       description="Resolve the model and data, PHO screening, top-k verification, final prune, "
+                       "refine, evaluate, write the release folder and log everything to MLflow. Finished tasks are "
+                       "cached by content: rerunning the same command (after a crash, too) reuses them.")
+    add_config_args(p)
+    p.add_argument("--refresh", action="store_true", help="recompute every task (ignore the cache)")
+    p = sub.add_parser("transfer", help="apply the best PHO configuration of a source model to target models/patterns",
+                       description="Looks up the best PHO configuration recorded in MLflow for (source model, "
+                       "pattern) and evaluates it on every target model and pattern next to the target's RIA "
+                       "baseline (and its own PHO with --with-pho); writes the table to --out and MLflow.")
+    add_config_args(p)
+    p.add_argument("--source-model", required=True, help="model spec whose PHO result is transferred")
+    p.add_argument("--source-pattern", required=True, help="pattern of that PHO result (2:4, 4:8, 0.5)")
+    p.add_argument("--targets", required=True, help="comma-separated target model specs")
+    p.add_argument("--patterns", required=True, help="comma-separated target patterns")
+    p.add_argument("--with-pho", action="store_true", help="also run each target's own PHO")
+    p.add_argument("--out", default="docs/transfer.md", help="markdown table (default %(default)s)")
+    p = sub.add_parser("schedule", help="serve the pipeline on a cron schedule (Prefect serve; Ctrl-C stops)",
+                       description="Validates the parameters and the cron expression, then serves the pipeline "
+                       "flow as a Prefect deployment with that schedule until interrupted.")
+    add_config_args(p)
+    p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')
+    p.add_argument("--name", default="crepe-pipeline-scheduled", help="deployment name (default %(default)s)")
+
+
+def _flow_setup(args: argparse.Namespace) -> Any:
+    """Validate the config and run the fail-fast checks before Prefect starts; set Prefect's env defaults."""
+    from flows.config import config_from_args
+    from flows.runtime import prefect_env
+
+    cfg = config_from_args(args)
+    prefect_env(cfg.project_root)
+    from flows.pipeline import preflight
+
+    preflight(cfg)
+    return cfg
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    cfg = _flow_setup(args)
+    if args.refresh:
+        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+    from flows.pipeline import pipeline, task_runner
+
+    flow = pipeline.with_options(task_runner=task_runner(cfg))
+    flow(args.params, list(args.overrides))
+    return 0
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    cfg = _flow_setup(args)
+    from crepe.errors import CrepeError
+    from flows.pipeline import task_runner, transfer
+
+    if not cfg.tracking.enabled:
+        raise CrepeError("crepe transfer reads the best configuration from MLflow; set tracking.enabled: true")
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
+    if not targets or not patterns:
+        raise CrepeError("--targets and --patterns each need at least one comma-separated value")
+    flow = transfer.with_options(task_runner=task_runner(cfg))
+    flow(args.source_model, args.source_pattern, targets, patterns, args.with_pho, args.params,
+         list(args.overrides), args.out)
+    return 0
+
+
+def check_cron(expr: str) -> str:
+    """``expr`` if Prefect's CronSchedule accepts it, else a CrepeError in one sentence."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    from crepe.errors import CrepeError
+
+    try:
+        CronSchedule(cron=expr)
+    except (ValidationError, ValueError, TypeError):
+        raise CrepeError(f"--cron {expr!r} is not a valid cron expression; use five fields "
+                         '"minute hour day-of-month month day-of-week", e.g. "0 3 * * 1"') from None
+    return expr
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    check_cron(args.cron)
+    _flow_setup(args)
+    from flows.pipeline import pipeline
+
+    print(f"[crepe] serving the pipeline on cron {args.cron!r} (Ctrl-C stops)", flush=True)
+    pipeline.serve(name=args.name, cron=args.cron,
+                   parameters={"params": str(Path(args.params).resolve()), "overrides": list(args.overrides)})
+    return 0
+
+
 COMMANDS = {"search": cmd_search, "hill-climb": cmd_hill_climb, "proxy-study": cmd_proxy_study,
             "prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo, "table": cmd_table, "methods": cmd_methods,
-            "config": cmd_config, "prepare": cmd_prepare, "verify": cmd_verify, "ui": cmd_ui}
+            "config": cmd_config, "prepare": cmd_prepare, "verify": cmd_verify, "ui": cmd_ui,
+            "pipeline": cmd_pipeline, "transfer": cmd_transfer, "schedule": cmd_schedule}
 
 
 def main(argv: list[str] | None = None) -> int:

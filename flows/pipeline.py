@@ -1,0 +1,269 @@
+"""Prefect flows of the pipeline (issue 4, points 3, 4, 7, 8, 9): they only compose :mod:`tasks.pipeline`.
+
+- :func:`pipeline`: resolve inputs -> calibration windows -> PHO screening -> top-k verification (one
+  task per candidate, mapped: parallel with ``runner.max_workers`` threads or Dask workers) -> final
+  prune -> refine -> evaluate -> release -> MLflow.
+- :func:`search`: PHO only (screening, verification, summary, MLflow).
+- :func:`evaluate_flow`: perplexity (and zero-shot) of the configured model.
+- :func:`transfer`: the best PHO configuration recorded in MLflow for (source model, pattern) applied
+  to target models and patterns, next to each target's RIA baseline (the paper's Table 8).
+
+Flows take the params file and ``-S`` overrides (plain, serialisable parameters, so deployments and
+schedules can pass them) and load the configuration themselves. Every task is called through
+:func:`_call`, which prints ``[crepe] reused cached <task>`` or ``[crepe] computed <task> in N s``.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from prefect import flow, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from crepe.errors import CrepeError
+from flows.config import PipelineConfig, load_config
+from tasks import pipeline as T
+
+DASK_PROBE_S = 3.0
+
+
+def say(text: str) -> None:
+    print(f"[crepe] {text}", flush=True)
+
+
+def _report(name: str, state: Any, started: float) -> None:
+    if state.name == "Cached":
+        say(f"reused cached {name}")
+    else:
+        say(f"computed {name} in {time.perf_counter() - started:.1f} s")
+
+
+def _call(task: Any, *args: Any, label: str | None = None, **kwargs: Any) -> Any:
+    """Run ``task`` in the flow, report whether it was cached, return its result (errors propagate)."""
+    started = time.perf_counter()
+    state = task(*args, return_state=True, **kwargs)
+    result = state.result()  # raises the task's own exception (a CrepeError stays a CrepeError)
+    _report(label or task.name, state, started)
+    return result
+
+
+# --- runners ------------------------------------------------------------------------------------------------
+
+
+def check_dask_address(address: str, timeout: float = DASK_PROBE_S) -> None:
+    """Fail in one sentence when the Dask scheduler at ``address`` does not accept TCP connections."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    host, port = parsed.hostname, parsed.port or 8786
+    if parsed.scheme in ("inproc",):
+        return
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise CrepeError(
+            f"the Dask scheduler runner.dask_address={address!r} is unreachable ({exc.__class__.__name__}: "
+            f"{exc}); start it (dask scheduler) or set runner.backend: thread"
+        ) from None
+
+
+def task_runner(cfg: PipelineConfig) -> Any:
+    """``runner.backend``: a thread pool of ``max_workers``, or prefect-dask's ``DaskTaskRunner`` on
+    ``runner.dask_address`` (else a LocalCluster of ``max_workers`` processes, one thread each)."""
+    if cfg.runner.backend == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if cfg.runner.dask_address:
+            return DaskTaskRunner(address=cfg.runner.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.runner.max_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    return ThreadPoolTaskRunner(max_workers=cfg.runner.max_workers)
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Checks that must fail fast, before any flow starts: MLflow reachable, Dask scheduler reachable."""
+    if cfg.tracking.enabled:
+        from tasks.tracking import Tracker
+
+        Tracker(cfg.tracking_uri(), cfg.project_root, experiment=cfg.tracking.experiment).check()
+    if cfg.runner.backend == "dask" and cfg.runner.dask_address:
+        check_dask_address(cfg.runner.dask_address)
+
+
+# --- building blocks ------------------------------------------------------------------------------------------
+
+
+def _inputs(cfg: PipelineConfig) -> tuple[dict, dict]:
+    T.limit_threads(cfg)
+    inputs = _call(T.resolve_inputs, cfg)
+    model = inputs["model"]
+    say(f"model {model['spec']} ({model['kind']}, content {model['content_hash'][:12]})")
+    calib = _call(T.calibration_windows, cfg, model["path"], model["content_hash"], inputs["calibration"]["sha256"])
+    return inputs, calib
+
+
+def _search(cfg: PipelineConfig, inputs: dict, calib: dict) -> dict[str, Any]:
+    model = inputs["model"]
+    mh = model["content_hash"]
+    screened = _call(T.pho_screen, cfg, model, mh, calib)
+    candidates = screened["candidates"]
+    eval_sha = inputs["evaluation"][cfg.pho.verify_split]["sha256"]
+    started = time.perf_counter()
+    futures = T.verify_candidate.map(unmapped(cfg), unmapped(model), mh, unmapped(calib), eval_sha,
+                                     list(range(len(candidates))), candidates)
+    verified = []
+    for i, fut in enumerate(futures):
+        result = fut.result()
+        _report(f"verify-candidate[{i}]", fut.state, started)
+        verified.append(result)
+    summary = _call(T.search_summary, cfg, screened, verified)
+    w = summary["winner"]
+    say(f"PHO winner {w['params']} ({cfg.pho.verify_split} ppl {w['ppl']:.4f})")
+    return summary
+
+
+def _lineage(cfg: PipelineConfig, inputs: dict, calib: dict, pruned: dict, search: dict | None,
+             evaluation: dict) -> dict[str, Any]:
+    """The release manifest's lineage: no machine paths of the work folder, no timings (byte-identical
+    releases across reruns and work folders)."""
+    ppl = evaluation["ppl"]
+    metrics: dict[str, Any] = {"ppl": {"value": ppl["ppl"], "split": ppl["split"], "seqlen": ppl["seqlen"],
+                                       "n_windows": ppl["n_windows"]}}
+    if "zero_shot" in evaluation:
+        metrics["zero_shot"] = evaluation["zero_shot"]
+    work = T.work_dir(cfg)
+    ref = None
+    if search is not None:
+        ref = {"path": Path(search["path"]).relative_to(work).as_posix(), "sha256": search["sha256"],
+               "winner": search["winner"], "n_trials": search["n_trials"], "n_verified": search["n_verified"]}
+    return {
+        "base_model": {"spec": cfg.model.spec, "kind": inputs["model"]["kind"],
+                       "content_hash": inputs["model"]["content_hash"]},
+        "prune": pruned["prune"],
+        "refine": {"method": cfg.refine.method, "params": cfg.refine.params},
+        "data": {"calibration": calib["info"], "evaluation": inputs["evaluation"]},
+        "config": cfg.to_dict(),
+        "config_sha256": cfg.config_hash(),
+        "search": ref,
+        "metrics": metrics,
+        "pipeline": {"code_sha256": T.code_version(), "pruned_sha256": pruned["sha256"]},
+    }
+
+
+def _metrics(evaluation: dict, released: dict | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"ppl": {evaluation["ppl"]["split"]: evaluation["ppl"]["ppl"]}}
+    if released is not None:
+        out["sparsity"] = {"overall": released["metrics"]["sparsity"]}
+        if released["metrics"]["smoke_ppl"] is not None:
+            out["ppl"]["smoke"] = released["metrics"]["smoke_ppl"]
+    if "zero_shot" in evaluation:
+        from crepe.zeroshot import zero_shot_metrics
+
+        out["zero_shot"] = {k.removeprefix("zero_shot/"): v
+                            for k, v in zero_shot_metrics(evaluation["zero_shot"], "zero_shot").items()}
+    return out
+
+
+# --- flows ------------------------------------------------------------------------------------------------------
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """The whole DAG on a loaded config (the body of :func:`pipeline`)."""
+    inputs, calib = _inputs(cfg)
+    model, mh = inputs["model"], inputs["model"]["content_hash"]
+    search = _search(cfg, inputs, calib) if cfg.pho.enabled else None
+    params = search["winner"]["params"] if search else {}
+    pruned = _call(T.final_prune, cfg, model, mh, calib, params)
+    refined = _call(T.refine, cfg, pruned)
+    evaluation = _call(T.evaluate, cfg, refined, inputs["evaluation"][cfg.eval.ppl.split]["sha256"])
+    say(f"{cfg.eval.ppl.split} perplexity {evaluation['ppl']['ppl']:.4f}")
+    lineage = _lineage(cfg, inputs, calib, refined, search, evaluation)
+    released = _call(T.release, cfg, refined, lineage)
+    if not T.release_is_current(released):  # the folder was removed or replaced since the cached run
+        released = _call(T.release.with_options(refresh_cache=True), cfg, refined, lineage)
+    say(f"release written to {released['path']} ({len(released['files'])} files; crepe verify {released['path']})")
+    tracked = _call(T.track, cfg, cfg.config_hash(), inputs, search, _metrics(evaluation, released), released)
+    if tracked["run_id"]:
+        say(f"MLflow run {tracked['run_id']} in {cfg.tracking_uri()}"
+            + (f"; registered {cfg.registered_model_name()} v{tracked['version']} @{cfg.release.alias}"
+               if tracked["version"] else ""))
+    return {"release": released, "evaluation": evaluation, "search": search, "tracking": tracked,
+            "pruned": refined}
+
+
+@flow(name="crepe-pipeline", log_prints=False, validate_parameters=False)
+def pipeline(params: str | None = "params.yaml", overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The whole pipeline on ``params`` (a params.yaml path) with ``-S`` ``overrides``."""
+    return run_pipeline(load_config(params, list(overrides)))
+
+
+@flow(name="crepe-search", validate_parameters=False)
+def search(params: str | None = "params.yaml", overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """PHO only: screening and verification of the configured model and pattern, logged to MLflow."""
+    cfg = load_config(params, list(overrides))
+    if not cfg.pho.enabled:
+        raise CrepeError("pho.enabled is false; the search flow needs it true (-S pho.enabled=true)")
+    inputs, calib = _inputs(cfg)
+    summary = _search(cfg, inputs, calib)
+    _call(T.track, cfg, "search-" + cfg.config_hash(), inputs, summary, {}, None)
+    return summary
+
+
+@flow(name="crepe-evaluate", validate_parameters=False)
+def evaluate_flow(params: str | None = "params.yaml", overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Perplexity (and zero-shot, when configured) of ``model.spec`` as it is (no pruning)."""
+    cfg = load_config(params, list(overrides))
+    T.limit_threads(cfg)
+    inputs = _call(T.resolve_inputs, cfg)
+    model = {"path": inputs["model"]["path"], "sha256": inputs["model"]["content_hash"]}
+    return _call(T.evaluate, cfg, model, inputs["evaluation"][cfg.eval.ppl.split]["sha256"])
+
+
+def _target_row(cfg: PipelineConfig, label: str, params: dict | None, search: dict | None = None) -> dict[str, Any]:
+    inputs, calib = _inputs(cfg)
+    model, mh = inputs["model"], inputs["model"]["content_hash"]
+    pruned = _call(T.final_prune, cfg, model, mh, calib, params or {}, label=f"final-prune[{label}]")
+    ev = _call(T.evaluate, cfg, pruned, inputs["evaluation"][cfg.eval.ppl.split]["sha256"], label=f"evaluate[{label}]")
+    return {"model": cfg.model.spec, "pattern": cfg.prune.sparsity, "config": label,
+            "params": pruned["prune"]["params"] if params is not None else {},
+            f"{cfg.eval.ppl.split}_ppl": ev["ppl"]["ppl"]}
+
+
+@flow(name="crepe-transfer", validate_parameters=False)
+def transfer(source_model: str, source_pattern: str, targets: Sequence[str], patterns: Sequence[str],
+             with_pho: bool = False, params: str | None = "params.yaml", overrides: Sequence[str] = (),
+             out: str = "docs/transfer.md") -> list[dict[str, Any]]:
+    """Hyperparameter transfer (the paper's Table 8): for every target model and pattern, the RIA
+    baseline, CRePE with the source's best PHO coefficients (from MLflow) and, with ``with_pho``, the
+    target's own PHO; the table goes to ``out`` and to an MLflow run."""
+    base = load_config(params, list(overrides))
+    from tasks.tracking import Tracker
+
+    tracker = Tracker(base.tracking_uri(), base.project_root, experiment=base.tracking.experiment)
+    best = tracker.best_config(source_model, source_pattern)
+    if best is None:
+        raise CrepeError(f"no finished PHO run is recorded for model {source_model!r} at pattern {source_pattern!r} "
+                         f"in {base.tracking_uri()}; run crepe pipeline (or crepe search) on it first")
+    coeffs = {k: v for k, v in best["params"].items() if k in ("alpha", "beta", "gamma", "kernel_size")}
+    say(f"best {source_model} {source_pattern} configuration: {coeffs} (run {best['run_id']})")
+    rows = []
+    for target in targets:
+        for pattern in patterns:
+            common = [*overrides, f"model.spec={target}", f"prune.sparsity={pattern}"]
+            ria = load_config(params, [*common, "pho.enabled=false", "prune.method=ria", "prune.params={}"])
+            rows.append(_target_row(ria, "ria", None))
+            moved = load_config(params, [*common, "pho.enabled=false", "prune.method=crepe"])
+            rows.append(_target_row(moved, f"transfer from {source_model} {source_pattern}", coeffs))
+            if with_pho:
+                own = load_config(params, [*common, "pho.enabled=true", "prune.method=crepe"])
+                inputs, calib = _inputs(own)
+                found = _search(own, inputs, calib)
+                rows.append(_target_row(own, "own PHO", found["winner"]["params"]))
+    path = base.resolve_path(out)
+    _call(T.transfer_table, base, rows, str(path), source_model, source_pattern)
+    say(f"transfer table written to {path}")
+    return rows
