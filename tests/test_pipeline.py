@@ -1,0 +1,240 @@
+"""The Prefect pipeline (issue 4 §2-4, §8-9): content-hash caching, kill -9 and resume, CLI checks.
+
+Everything runs on the tiny local LLaMA of tests/local_models.py with pydoc data. Each test gets its
+own project folder (params.yaml, work folder, result storage, release); the in-process tests share one
+``prefect_test_harness`` per module, the subprocess tests one ``PREFECT_HOME`` per session.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from crepe.io import sha256_file
+from tests.local_models import save_tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = """\
+model: {{spec: {model}}}
+data: {{calib_source: pydoc, eval_source: pydoc}}
+calibration: {{samples: 4, seqlen: 32, batch_size: 4}}
+prune: {{sparsity: "2:4"}}
+pho: {{n_trials: 4, top_k: 2, verify_max_windows: 2}}
+eval: {{ppl: {{seqlen: 32, max_windows: 4}}}}
+tracking: {{enabled: {tracking}}}
+release: {{register_model: {tracking}}}
+runner: {{max_workers: 1{runner}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("pipeline-model") / "tiny")
+
+
+def make_project(folder: Path, model: Path, tracking: bool = False, runner: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".git").mkdir(exist_ok=True)  # marks the project root
+    (folder / "params.yaml").write_text(PARAMS.format(model=model, tracking=str(tracking).lower(), runner=runner))
+    return folder
+
+
+def release_hashes(project: Path) -> dict[str, str]:
+    """sha256 of every file of the release folder, the manifest included."""
+    folder = project / "data" / "release"
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def computed(log: Path) -> list[str]:
+    return log.read_text().split() if log.exists() else []
+
+
+# --- in process: cache hits and misses -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def project(tmp_path: Path, tiny_model: Path, harness, monkeypatch: pytest.MonkeyPatch):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    proj = make_project(tmp_path / "proj", tiny_model)
+    monkeypatch.setenv("CREPE_TASK_LOG", str(tmp_path / "computed.txt"))
+    monkeypatch.delenv("CREPE_WORK_DIR", raising=False)
+    threads = torch.get_num_threads()
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(tmp_path / "storage")}):
+        yield proj
+    torch.set_num_threads(threads)
+
+
+def run_flow(project: Path, *overrides: str) -> dict:
+    from flows.pipeline import pipeline
+
+    return pipeline(str(project / "params.yaml"), list(overrides))
+
+
+def test_second_run_is_fully_cached(project: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    log = tmp_path / "computed.txt"
+    first = run_flow(project)
+    assert sorted(set(computed(log))) == sorted({"calibration-windows", "pho-screen", "verify-candidate",
+                                                 "search-summary", "final-prune", "evaluate", "release"})
+    assert computed(log).count("verify-candidate") == 3  # top_k = 2, plus the RIA point
+    log.unlink()
+    capsys.readouterr()
+    second = run_flow(project)
+    out = capsys.readouterr().out
+    assert computed(log) == []
+    for name in ("calibration-windows", "pho-screen", "verify-candidate[0]", "final-prune", "evaluate", "release"):
+        assert f"[crepe] reused cached {name}" in out
+    assert second["release"] == first["release"]
+    assert second["evaluation"] == first["evaluation"]
+
+
+def test_relevant_change_misses_irrelevant_hits(project: Path, tmp_path: Path) -> None:
+    log = tmp_path / "computed.txt"
+    run_flow(project)
+    log.unlink()
+    # eval.zero_shot is off, so its batch size cannot change any result: prune/evaluate stay cached
+    run_flow(project, "eval.zero_shot.batch_size=2")
+    assert "final-prune" not in computed(log) and "evaluate" not in computed(log)
+    assert "release" in computed(log)  # the manifest records the full config
+    log.unlink()
+    run_flow(project, "prune.sparsity=0.5")
+    got = computed(log)
+    assert "calibration-windows" not in got  # the windows depend on calibration settings only
+    assert {"pho-screen", "verify-candidate", "final-prune", "evaluate", "release"} <= set(got)
+
+
+def test_calibration_change_misses_everything_downstream(project: Path, tmp_path: Path) -> None:
+    log = tmp_path / "computed.txt"
+    run_flow(project, "pho.enabled=false")
+    log.unlink()
+    run_flow(project, "pho.enabled=false", "calibration.seed=1")
+    assert {"calibration-windows", "final-prune", "evaluate", "release"} <= set(computed(log))
+
+
+def test_removed_release_is_rewritten(project: Path) -> None:
+    import shutil
+
+    first = run_flow(project, "pho.enabled=false")
+    shutil.rmtree(first["release"]["path"])
+    second = run_flow(project, "pho.enabled=false")
+    assert (Path(second["release"]["path"]) / "crepe_release.json").is_file()
+    assert second["release"]["manifest_sha256"] == first["release"]["manifest_sha256"]
+
+
+def test_cache_keys_ignore_paths_and_follow_sections(project: Path) -> None:
+    from flows.config import load_config
+    from tasks.pipeline import _strip_paths, content_key
+
+    class Ctx:
+        class task:  # noqa: N801 - mimics prefect's TaskRunContext.task
+            name = "t"
+
+    fn = content_key(("prune",), ("model",))
+    cfg = load_config(project / "params.yaml")
+    a = fn(Ctx, {"cfg": cfg, "model": {"path": "/a", "sha256": "x"}})
+    assert a == fn(Ctx, {"cfg": cfg, "model": {"path": "/b", "sha256": "x"}})
+    assert a != fn(Ctx, {"cfg": cfg, "model": {"path": "/a", "sha256": "y"}})
+    assert a == fn(Ctx, {"cfg": load_config(project / "params.yaml", ["pho.n_trials=6"]), "model": {"sha256": "x"}})
+    assert a != fn(Ctx, {"cfg": load_config(project / "params.yaml", ["prune.sparsity=4:8"]), "model": {"sha256": "x"}})
+    assert _strip_paths({"path": 1, "x": [{"path": 2, "y": 3}]}) == {"x": [{"y": 3}]}
+
+
+# --- subprocess: kill -9 in the middle of top-k verification, then resume -----------------------------------
+
+LAUNCHER = """
+import os, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+from crash import sigkill_on_call
+import tasks.pipeline as tp
+kill_at = int(os.environ.get("CREPE_KILL_AT_CANDIDATE", "0"))
+if kill_at:
+    tp.evaluate_candidate = sigkill_on_call(tp.evaluate_candidate, kill_at)
+from flows.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+def crepe_cli(project: Path, prefect_home: Path, *args: str, kill_at: int = 0, log: Path | None = None,
+              timeout: float = 240) -> subprocess.CompletedProcess:
+    launcher = project.parent / "launch.py"
+    launcher.write_text(LAUNCHER.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_LOCAL_STORAGE_PATH": str(project / "storage"),
+           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90", "CREPE_KILL_AT_CANDIDATE": str(kill_at),
+           "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(ROOT)}
+    env.pop("CREPE_WORK_DIR", None)
+    if log is not None:
+        env["CREPE_TASK_LOG"] = str(log)
+    out, err = project.parent / "stdout.txt", project.parent / "stderr.txt"
+    # Files, not pipes: after a kill -9 the orphaned ephemeral Prefect server would hold a pipe open.
+    # A new session, so that whatever the run leaves behind is stopped with its process group.
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen([sys.executable, str(launcher), *args], cwd=project, env=env, stdout=fo, stderr=fe,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return subprocess.CompletedProcess(proc.args, rc, out.read_text(), err.read_text())
+
+@pytest.mark.slow  # three pipeline processes, ~50 s on 2 shared cores
+def test_kill_during_verification_then_resume(tmp_path: Path, tiny_model: Path, prefect_home: Path) -> None:
+    clean = make_project(tmp_path / "clean", tiny_model)
+    done = crepe_cli(clean, prefect_home, "pipeline")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    proj = make_project(tmp_path / "crashed", tiny_model)
+    log = tmp_path / "computed.txt"
+    killed = crepe_cli(proj, prefect_home, "pipeline", kill_at=2, log=log)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert computed(log).count("verify-candidate") == 2  # the first finished, the second died mid-way
+    assert not (proj / "data" / "release").exists()
+    log.unlink()
+
+    resumed = crepe_cli(proj, prefect_home, "pipeline", log=log)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = computed(log)
+    assert "calibration-windows" not in got and "pho-screen" not in got
+    assert got.count("verify-candidate") == 2  # the finished candidate was reused
+    for name in ("calibration-windows", "pho-screen", "verify-candidate[0]"):
+        assert f"[crepe] reused cached {name}" in resumed.stdout
+    assert release_hashes(proj) == release_hashes(clean)
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, tiny_model: Path, prefect_home: Path) -> None:
+    proj = make_project(tmp_path / "p", tiny_model, runner=", backend: dask, dask_address: 'tcp://127.0.0.1:9'")
+    res = crepe_cli(proj, prefect_home, "pipeline")
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and "tcp://127.0.0.1:9" in res.stderr and "unreachable" in res.stderr
+    res = crepe_cli(proj, prefect_home, "schedule", "--cron", "0 3 * *")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "cron" in res.stderr
+    res = crepe_cli(proj, prefect_home, "pipeline", "-S", "prune.sparsty=0.5")
+    assert res.returncode == 2 and "prune.sparsty" in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_unreachable_mlflow_fails_fast(tmp_path: Path, tiny_model: Path, prefect_home: Path) -> None:
+    proj = make_project(tmp_path / "p", tiny_model, tracking=True)
+    res = crepe_cli(proj, prefect_home, "pipeline", "-S", "tracking.uri=http://127.0.0.1:9", timeout=60)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "127.0.0.1:9" in res.stderr
