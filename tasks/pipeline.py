@@ -36,7 +36,7 @@ from crepe.io import atomic_dir, sha256_file, sha256_folder, write_json_atomic
 from crepe.provenance import source_hash
 
 WORK_ENV = "CREPE_WORK_DIR"
-TASK_LOG_ENV = "CREPE_TASK_LOG"  # optional: a file each task body appends "<name>\n" to when it computes
+TASK_LOG_ENV = "CREPE_TASK_LOG"  # optional: a file each task body appends "<name>\t<pid>" to when it computes
 CALIB_FILE = "calibration.pt"
 SEARCH_FILE = "search.json"  # deterministic search summary (no timings): referenced by the release
 PHO_FILE = "pho.json"  # the full summary in crepe search's format (timings included): MLflow
@@ -113,7 +113,7 @@ def _computed(name: str) -> None:
     path = os.environ.get(TASK_LOG_ENV)
     if path:
         with open(path, "a", encoding="utf-8") as fh:
-            fh.write(name + "\n")
+            fh.write(f"{name}\t{os.getpid()}\n")
 
 
 def _persisted(**options: Any) -> dict[str, Any]:

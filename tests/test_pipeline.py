@@ -52,7 +52,8 @@ def release_hashes(project: Path) -> dict[str, str]:
 
 
 def computed(log: Path) -> list[str]:
-    return log.read_text().split() if log.exists() else []
+    """Names of the task bodies that ran (one line each: name, tab, process id)."""
+    return [line.split("\t")[0] for line in log.read_text().splitlines()] if log.exists() else []
 
 
 # --- in process: cache hits and misses -------------------------------------------------------------------
@@ -163,8 +164,9 @@ import tasks.pipeline as tp
 kill_at = int(os.environ.get("CREPE_KILL_AT_CANDIDATE", "0"))
 if kill_at:
     tp.evaluate_candidate = sigkill_on_call(tp.evaluate_candidate, kill_at)
-from flows.cli import main
-raise SystemExit(main(sys.argv[1:]))
+if __name__ == "__main__":  # Dask's spawned workers import this file again
+    from flows.cli import main
+    raise SystemExit(main(sys.argv[1:]))
 """
 
 
@@ -238,3 +240,22 @@ def test_unreachable_mlflow_fails_fast(tmp_path: Path, tiny_model: Path, prefect
     proj = make_project(tmp_path / "p", tiny_model, tracking=True)
     res = crepe_cli(proj, prefect_home, "pipeline", "-S", "tracking.uri=http://127.0.0.1:9", timeout=60)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "127.0.0.1:9" in res.stderr
+
+
+@pytest.mark.slow  # a 2-worker Dask LocalCluster (each worker starts its own Prefect client): ~35 s
+def test_dask_runner_verifies_candidates_in_parallel_workers(tmp_path: Path, tiny_model: Path,
+                                                             prefect_home: Path) -> None:
+    proj = make_project(tmp_path / "p", tiny_model, runner=", backend: dask")
+    log = tmp_path / "computed.txt"
+    res = crepe_cli(proj, prefect_home, "pipeline", "-S", "runner.max_workers=2", log=log)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split("\t") for line in log.read_text().splitlines()]
+    flow_pid = next(pid for name, pid in rows if name == "pho-screen")
+    workers = {pid for name, pid in rows if name == "verify-candidate"}
+    assert len(workers) == 2 and flow_pid not in workers  # the candidates ran on both Dask workers
+    assert (proj / "data" / "release" / "crepe_release.json").is_file()
+    # the persisted results are shared: the thread runner reuses what the Dask workers computed
+    log.unlink()
+    res = crepe_cli(proj, prefect_home, "pipeline", "-S", "runner.backend=thread", log=log)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "verify-candidate" not in computed(log) and "final-prune" not in computed(log)
