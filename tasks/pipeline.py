@@ -292,7 +292,7 @@ def search_summary(cfg: Any, screened: dict[str, Any], verified: list[dict[str, 
     write_json_atomic(out / SEARCH_FILE, stable)
     pho = {
         "version": STATE_VERSION,
-        "config": {**trials_doc["config"], "top_k": cfg.pho.top_k, "kind": "pho"},
+        "config": {**trials_doc["config"], "model": cfg.model.spec, "top_k": cfg.pho.top_k, "kind": "pho"},
         "trials": trials_doc["trials"],
         "candidates": screened["candidates"],
         "verified": list(verified),

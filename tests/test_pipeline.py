@@ -259,3 +259,42 @@ def test_dask_runner_verifies_candidates_in_parallel_workers(tmp_path: Path, tin
     res = crepe_cli(proj, prefect_home, "pipeline", "-S", "runner.backend=thread", log=log)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "verify-candidate" not in computed(log) and "final-prune" not in computed(log)
+
+
+def test_tracking_release_registry_and_transfer(tmp_path: Path, tiny_model: Path, harness,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracked pipeline: parent run with nested trial/candidate runs, a registered release; then
+    ``transfer`` takes the recorded best configuration to another pattern, next to the RIA baseline."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from flows.pipeline import pipeline, transfer
+    from tasks.tracking import Tracker
+
+    proj = make_project(tmp_path / "proj", tiny_model, tracking=True)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    threads = torch.get_num_threads()
+    try:
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(tmp_path / "storage")}):
+            result = pipeline(str(proj / "params.yaml"), [])
+            again = pipeline(str(proj / "params.yaml"), [])
+            rows = transfer(str(tiny_model), "2:4", [str(tiny_model)], ["4:8"], params=str(proj / "params.yaml"),
+                            out="docs/transfer.md")
+    finally:
+        torch.set_num_threads(threads)
+    assert again["tracking"] == result["tracking"]  # a fully cached rerun logs nothing new
+    tracker = Tracker(None, proj)
+    client = tracker.client
+    parent = client.get_run(result["tracking"]["run_id"])
+    assert parent.data.tags["crepe.kind"] == "pipeline" and parent.info.status == "FINISHED"
+    assert parent.data.params["prune.sparsity"] == "2:4"
+    assert "ppl/test" in parent.data.metrics
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    kinds = sorted(r.data.tags["crepe.kind"] for r in children)
+    assert kinds.count("trial") == 4 and kinds.count("candidate") == 3
+    version = tracker.model_version("crepe-tiny-2of4", "candidate")
+    assert version is not None and str(result["tracking"]["version"]) == str(version["version"])
+    assert [r["config"] for r in rows] == ["ria", f"transfer from {tiny_model} 2:4"]
+    assert rows[1]["params"]["alpha"] == result["search"]["winner"]["params"]["alpha"]
+    assert all(r["pattern"] == "4:8" and r["test_ppl"] > 0 for r in rows)
+    assert "| ria |" in (proj / "docs" / "transfer.md").read_text()
