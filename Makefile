@@ -13,9 +13,10 @@ OFFLINE    := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKE
               PYTHONHASHSEED=0
 PIP        := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: help setup demo test test-fast table zeroshot bench pho-report gemma lint lock clean
+.PHONY: help setup pipeline demo test test-fast table zeroshot bench pho-report gemma lint lock clean
 
 help:
+	@echo "make pipeline  set up .venv and run crepe pipeline on params.yaml (PHO, prune, evaluate, release, MLflow)"
 	@echo "make demo      set up .venv and run the CPU demo (dense vs RIA vs CRePE at 2:4 on SmolLM2)"
 	@echo "make test      set up .venv and run the whole test suite"
 	@echo "make table     regenerate docs/results.md (all methods at 50%, 2:4, 4:8; ~15 min on 2 cores)"
@@ -37,6 +38,9 @@ $(STAMP): requirements.lock pyproject.toml | $(PY)
 	@touch $(STAMP)
 
 setup: $(STAMP)
+
+pipeline: setup
+	$(OFFLINE) $(VENV)/bin/crepe pipeline --params params.yaml
 
 demo: setup
 	$(OFFLINE) $(VENV)/bin/crepe demo
@@ -74,4 +78,4 @@ lock: | $(PY)
 		| sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements.lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis runs
+	rm -rf $(VENV) .pytest_cache .hypothesis runs .crepe .prefect

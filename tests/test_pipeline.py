@@ -298,3 +298,19 @@ def test_tracking_release_registry_and_transfer(tmp_path: Path, tiny_model: Path
     assert rows[1]["params"]["alpha"] == result["search"]["winner"]["params"]["alpha"]
     assert all(r["pattern"] == "4:8" and r["test_ppl"] > 0 for r in rows)
     assert "| ria |" in (proj / "docs" / "transfer.md").read_text()
+
+
+def test_prefect_yaml_deploys_the_pipeline_flow() -> None:
+    import importlib
+
+    import yaml
+
+    from flows.cli import check_cron
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (deployment,) = spec["deployments"]
+    module, _, name = deployment["entrypoint"].partition(":")
+    flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), name)
+    assert flow.name == "crepe-pipeline"
+    assert set(deployment["parameters"]) <= set(flow.parameters.properties)
+    assert check_cron(deployment["schedules"][0]["cron"]) == "0 3 * * 1"
