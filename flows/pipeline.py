@@ -85,7 +85,13 @@ def task_runner(cfg: PipelineConfig) -> Any:
 
 
 def preflight(cfg: PipelineConfig) -> None:
-    """Checks that must fail fast, before any flow starts: MLflow reachable, Dask scheduler reachable."""
+    """Checks that must fail fast, before any flow starts: a local model folder exists, MLflow and the Dask
+    scheduler are reachable (each failure: one CrepeError sentence)."""
+    spec = cfg.model.spec
+    if not spec.startswith(("embedded:", "hf:")) and (spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()):
+        from crepe.models import check_model_folder
+
+        check_model_folder(Path(spec).expanduser())
     if cfg.tracking.enabled:
         from tasks.tracking import Tracker
 

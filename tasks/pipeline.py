@@ -116,6 +116,20 @@ def _computed(name: str) -> None:
             fh.write(f"{name}\t{os.getpid()}\n")
 
 
+def transient(_task: Any, _task_run: Any, state: Any) -> bool:
+    """``retry_condition_fn``: retry I/O-like failures only; a CrepeError (bad input, unsupported model) or
+    an out-of-memory error would fail the same way again."""
+    import torch
+
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            state.result(raise_on_failure=True)
+        except BaseException as err:  # noqa: BLE001 - we only classify it
+            exc = err
+    return not isinstance(exc, (CrepeError, MemoryError, torch.OutOfMemoryError))
+
+
 def _persisted(**options: Any) -> dict[str, Any]:
     return {"persist_result": True, "cache_result_in_memory": False, **options}
 
@@ -150,7 +164,7 @@ def _search_context(cfg: Any, model: Mapping[str, Any], calib: Mapping[str, Any]
 # --- 1. model and data ---------------------------------------------------------------------------------
 
 
-@task(name="resolve-inputs", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="resolve-inputs", retries=2, retry_delay_seconds=2, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def resolve_inputs(cfg: Any) -> dict[str, Any]:
     """Resolve (convert or download) the base model and hash the data the config selects.
 
@@ -170,7 +184,7 @@ def _calib_extra(cfg: Any, _p: Mapping[str, Any]) -> Any:
     return {"calib_source": cfg.data.calib_source}
 
 
-@task(name="calibration-windows", retries=2, retry_delay_seconds=2,
+@task(name="calibration-windows", retries=2, retry_delay_seconds=2, retry_condition_fn=transient,
       cache_key_fn=content_key(("calibration",), ("model_hash", "data_sha256"), _calib_extra), **_persisted())
 def calibration_windows(cfg: Any, model_path: str, model_hash: str, data_sha256: str) -> dict[str, Any]:
     """The seeded calibration windows (spec §1.2) tokenized once and saved as a tensor file.

@@ -232,6 +232,8 @@ def test_cli_errors_are_one_line(tmp_path: Path, tiny_model: Path, prefect_home:
     assert res.stderr.count("\n") == 1 and "tcp://127.0.0.1:9" in res.stderr and "unreachable" in res.stderr
     res = crepe_cli(proj, prefect_home, "schedule", "--cron", "0 3 * *")
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "cron" in res.stderr
+    res = crepe_cli(proj, prefect_home, "pipeline", "-S", f"model.spec={tmp_path / 'missing'}")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "missing does not exist" in res.stderr
     res = crepe_cli(proj, prefect_home, "pipeline", "-S", "prune.sparsty=0.5")
     assert res.returncode == 2 and "prune.sparsty" in res.stderr and res.stderr.count("\n") == 1
 
