@@ -108,12 +108,25 @@ def limit_threads(cfg: Any) -> int:
     return n
 
 
-def _computed(name: str) -> None:
-    """Record that a task body ran (``$CREPE_TASK_LOG``, used by tests and the overhead benchmark)."""
+def _computed(name: str) -> tuple[str, float]:
+    """Record that a task body started (``$CREPE_TASK_LOG``: a ``name<TAB>pid`` line; tests and the
+    overhead benchmark read it); pass the returned token to :func:`_finished`."""
+    _task_log(f"{name}\t{os.getpid()}")
+    return name, time.perf_counter()
+
+
+def _finished(started: tuple[str, float], result: Any) -> Any:
+    """Record the compute seconds of a task body (a ``name<TAB>pid<TAB>seconds`` line); return ``result``."""
+    name, t0 = started
+    _task_log(f"{name}\t{os.getpid()}\t{time.perf_counter() - t0:.4f}")
+    return result
+
+
+def _task_log(line: str) -> None:
     path = os.environ.get(TASK_LOG_ENV)
     if path:
         with open(path, "a", encoding="utf-8") as fh:
-            fh.write(f"{name}\t{os.getpid()}\n")
+            fh.write(line + "\n")
 
 
 def transient(_task: Any, _task_run: Any, state: Any) -> bool:
@@ -195,7 +208,7 @@ def calibration_windows(cfg: Any, model_path: str, model_hash: str, data_sha256:
 
     from crepe.jobs import calibrate
 
-    _computed("calibration-windows")
+    started = _computed("calibration-windows")
     limit_threads(cfg)
     lm = _load(cfg, model_path)
     ids, info = calibrate(lm, cfg.budget())
@@ -205,7 +218,7 @@ def calibration_windows(cfg: Any, model_path: str, model_hash: str, data_sha256:
     with atomic_dir(out, overwrite=True) as tmp:
         torch.save(ids.contiguous(), tmp / CALIB_FILE)
     path = out / CALIB_FILE
-    return {"path": str(path), "sha256": sha256_file(path), "info": info}
+    return _finished(started, {"path": str(path), "sha256": sha256_file(path), "info": info})
 
 
 # --- 2. PHO ---------------------------------------------------------------------------------------------
@@ -227,7 +240,7 @@ def pho_screen(cfg: Any, model: dict[str, Any], model_hash: str, calib: dict[str
     from crepe.search.driver import screen, select_candidates
     from crepe.search.runs import CMA_SIGMA, cma_start_mean
 
-    _computed("pho-screen")
+    started = _computed("pho-screen")
     limit_threads(cfg)
     ctx = _search_context(cfg, model, calib, cfg.pho_budget())
     space = cfg.search_space()
@@ -245,7 +258,7 @@ def pho_screen(cfg: Any, model: dict[str, Any], model_hash: str, calib: dict[str
     write_json_atomic(path, {"config": {**config, "sampler": cfg.pho.sampler, "n_trials": cfg.pho.n_trials,
                                         "seed": cfg.pho.seed, "space": space.as_dict()},
                              "trials": [t.to_dict() for t in trials], "candidates": candidates})
-    return {"path": str(path), "sha256": sha256_file(path), "candidates": candidates}
+    return _finished(started, {"path": str(path), "sha256": sha256_file(path), "candidates": candidates})
 
 
 def _verify_extra(cfg: Any, _p: Mapping[str, Any]) -> Any:
@@ -266,13 +279,14 @@ def verify_candidate(cfg: Any, model: dict[str, Any], model_hash: str, calib: di
     """PHO stage 2 for one candidate: prune the whole model with CRePE(``params``) and measure the
     ``pho.verify_split`` perplexity. Returns ``{"index", "params", "ppl", "seconds"}`` (``ppl`` None
     when non-finite)."""
-    _computed("verify-candidate")
+    started = _computed("verify-candidate")
     limit_threads(cfg)
     ctx = _search_context(cfg, model, calib, cfg.pho_budget())
     start = time.perf_counter()
     ppl = float(evaluate_candidate(ctx, params, cfg.pho.verify_split))
-    return {"index": index, "params": dict(params), "ppl": ppl if math.isfinite(ppl) else None,
-            "seconds": time.perf_counter() - start}
+    result = {"index": index, "params": dict(params), "ppl": ppl if math.isfinite(ppl) else None,
+              "seconds": time.perf_counter() - start}
+    return _finished(started, result)
 
 
 def choose_winner(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -289,7 +303,7 @@ def search_summary(cfg: Any, screened: dict[str, Any], verified: list[dict[str, 
     from crepe.search.driver import STATE_VERSION
     from crepe.search.space import RIA_POINT
 
-    _computed("search-summary")
+    started = _computed("search-summary")
     trials_doc = json.loads(Path(screened["path"]).read_text())
     winner = choose_winner(verified)
     out = Path(screened["path"]).parent
@@ -318,8 +332,9 @@ def search_summary(cfg: Any, screened: dict[str, Any], verified: list[dict[str, 
                    "stage2_seconds": sum(r["seconds"] for r in verified)},
     }
     write_json_atomic(out / PHO_FILE, pho)
-    return {"path": str(out / SEARCH_FILE), "sha256": sha256_file(out / SEARCH_FILE), "pho_json": str(out / PHO_FILE),
-            "winner": stable["winner"], "n_trials": len(stable["trials"]), "n_verified": len(verified)}
+    result = {"path": str(out / SEARCH_FILE), "sha256": sha256_file(out / SEARCH_FILE), "pho_json": str(out / PHO_FILE),
+              "winner": stable["winner"], "n_trials": len(stable["trials"]), "n_verified": len(verified)}
+    return _finished(started, result)
 
 
 # --- 3. prune, refine ------------------------------------------------------------------------------------
@@ -338,7 +353,7 @@ def final_prune(cfg: Any, model: dict[str, Any], model_hash: str, calib: dict[st
     (the resolved PruneConfig), ``"report"`` (sparsity, no timings)``}``."""
     from crepe.jobs import prune_loaded
 
-    _computed("final-prune")
+    started = _computed("final-prune")
     limit_threads(cfg)
     config = cfg.prune_config(params)
     lm = _load(cfg, model["path"])
@@ -349,7 +364,8 @@ def final_prune(cfg: Any, model: dict[str, Any], model_hash: str, calib: dict[st
         lm.model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / PRUNE_REPORT, summary)
-    return {"path": str(out), "sha256": sha256_folder(out), "prune": config.as_dict(), "report": summary}
+    result = {"path": str(out), "sha256": sha256_folder(out), "prune": config.as_dict(), "report": summary}
+    return _finished(started, result)
 
 
 def _refine_none(cfg: Any, pruned: Mapping[str, Any]) -> dict[str, Any]:
@@ -384,7 +400,7 @@ def evaluate(cfg: Any, model: dict[str, Any], eval_sha256: str) -> dict[str, Any
     accuracy (spec §14.2) of the model folder ``model["path"]``. Returns a JSON-clean dict without timings."""
     from crepe.jobs import evaluate_loaded
 
-    _computed("evaluate")
+    started = _computed("evaluate")
     limit_threads(cfg)
     lm = _load(cfg, model["path"])
     ppl = evaluate_loaded(lm, cfg.budget(), cfg.eval.ppl.split)
@@ -397,7 +413,7 @@ def evaluate(cfg: Any, model: dict[str, Any], eval_sha256: str) -> dict[str, Any
 
         out = run_zero_shot(lm.model, lm.tokenizer, list(zs.tasks), zs.limit, zs.batch_size, cfg.data_dir())
         result["zero_shot"] = json.loads(json.dumps(out, default=str))
-    return result
+    return _finished(started, result)
 
 
 # --- 5. release and tracking ----------------------------------------------------------------------------------
@@ -410,7 +426,7 @@ def release(cfg: Any, model: dict[str, Any], lineage: dict[str, Any]) -> dict[st
     same inputs give byte-identical files. Returns ``{"path", "manifest_sha256", "files"}``."""
     from crepe.release import RELEASE_MANIFEST, SmokeTest, write_release
 
-    _computed("release")
+    started = _computed("release")
     limit_threads(cfg)
     lm = _load(cfg, model["path"])
     smoke = SmokeTest(source=cfg.data.eval_source, data_dir=cfg.data_dir())
@@ -419,9 +435,10 @@ def release(cfg: Any, model: dict[str, Any], lineage: dict[str, Any]) -> dict[st
                         blocks_path=cfg.model.blocks)
     manifest = json.loads((out / RELEASE_MANIFEST).read_text())
     files = {name: entry["sha256"] for name, entry in manifest["files"].items()}
-    return {"path": str(out), "manifest_sha256": sha256_file(out / RELEASE_MANIFEST), "files": files,
-            "metrics": {"smoke_ppl": (manifest.get("smoke_test") or {}).get("ppl"),
-                        "sparsity": manifest["sparsity"]["overall"]}}
+    result = {"path": str(out), "manifest_sha256": sha256_file(out / RELEASE_MANIFEST), "files": files,
+              "metrics": {"smoke_ppl": (manifest.get("smoke_test") or {}).get("ppl"),
+                          "sparsity": manifest["sparsity"]["overall"]}}
+    return _finished(started, result)
 
 
 def release_is_current(released: Mapping[str, Any]) -> bool:

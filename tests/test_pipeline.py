@@ -52,8 +52,9 @@ def release_hashes(project: Path) -> dict[str, str]:
 
 
 def computed(log: Path) -> list[str]:
-    """Names of the task bodies that ran (one line each: name, tab, process id)."""
-    return [line.split("\t")[0] for line in log.read_text().splitlines()] if log.exists() else []
+    """Names of the task bodies that started (``name<TAB>pid`` lines; finished ones add ``<TAB>seconds``)."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [fields[0] for fields in (line.split("\t") for line in lines) if len(fields) == 2]
 
 
 # --- in process: cache hits and misses -------------------------------------------------------------------
@@ -251,7 +252,7 @@ def test_dask_runner_verifies_candidates_in_parallel_workers(tmp_path: Path, tin
     log = tmp_path / "computed.txt"
     res = crepe_cli(proj, prefect_home, "pipeline", "-S", "runner.max_workers=2", log=log)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [line.split("\t") for line in log.read_text().splitlines()]
+    rows = [line.split("\t")[:2] for line in log.read_text().splitlines()]
     flow_pid = next(pid for name, pid in rows if name == "pho-screen")
     workers = {pid for name, pid in rows if name == "verify-candidate"}
     assert len(workers) == 2 and flow_pid not in workers  # the candidates ran on both Dask workers
