@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
@@ -116,9 +117,10 @@ def _computed(name: str) -> tuple[str, float]:
 
 
 def _finished(started: tuple[str, float], result: Any) -> Any:
-    """Record the compute seconds of a task body (a ``name<TAB>pid<TAB>seconds`` line); return ``result``."""
+    """Record the compute seconds of a task body (a ``name<TAB>pid<TAB>seconds<TAB>end unix time`` line);
+    return ``result``."""
     name, t0 = started
-    _task_log(f"{name}\t{os.getpid()}\t{time.perf_counter() - t0:.4f}")
+    _task_log(f"{name}\t{os.getpid()}\t{time.perf_counter() - t0:.4f}\t{time.time():.4f}")
     return result
 
 
@@ -158,10 +160,16 @@ def _load_tokens(calib: Mapping[str, Any]) -> Any:
     return torch.load(path, weights_only=True)
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 def _load(cfg: Any, model_path: str) -> Any:
+    """Load a model folder; one load at a time per process (transformers' meta-device initialisation is
+    process-global, so two threads loading at once corrupt each other: "Cannot copy out of meta tensor")."""
     from crepe.models import load_model
 
-    return load_model(model_path, dtype=cfg.model.dtype, device=cfg.model.device)
+    with _LOAD_LOCK:
+        return load_model(model_path, dtype=cfg.model.dtype, device=cfg.model.device)
 
 
 def _search_context(cfg: Any, model: Mapping[str, Any], calib: Mapping[str, Any], budget: Any) -> Any:

@@ -52,7 +52,7 @@ def release_hashes(project: Path) -> dict[str, str]:
 
 
 def computed(log: Path) -> list[str]:
-    """Names of the task bodies that started (``name<TAB>pid`` lines; finished ones add ``<TAB>seconds``)."""
+    """Names of the task bodies that started (``name<TAB>pid`` lines; finished ones add seconds and end time)."""
     lines = log.read_text().splitlines() if log.exists() else []
     return [fields[0] for fields in (line.split("\t") for line in lines) if len(fields) == 2]
 
