@@ -1,10 +1,11 @@
 """DVC scaffolding (issue 4 §5): dvc.yaml parses, every parameter it names exists in params.yaml, every
 stage command parses with the `crepe` CLI, and the local default remote makes push/pull work offline.
 
-A full ``dvc repro`` on a tiny config comes with the Prefect flows."""
+``test_dvc_repro_on_a_tiny_config`` (slow) runs the whole ``dvc repro`` on the tiny model."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -12,6 +13,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from flows.cli import build_parser
 from flows.config import load_config, parse_yaml
@@ -158,3 +161,38 @@ def test_dvc_reads_params_yaml_exactly_as_the_config_loader_does():
         assert dvc_parse_yaml(text, name) == ours, name
     tricky = "a: 2:4\nb: 1e-3\nc: on\nd: 010\n"
     assert dvc_parse_yaml(tricky, "x") == parse_yaml(tricky)[0] == {"a": "2:4", "b": 0.001, "c": "on", "d": 10}
+
+
+@pytest.mark.slow  # five stages, each a crepe process (~40 s on 2 shared cores)
+def test_dvc_repro_on_a_tiny_config(tmp_path):
+    """`dvc repro` runs prepare -> search -> prune -> evaluate -> verify on the tiny model with pydoc data,
+    writes the metrics, and a second `dvc repro` finds everything up to date."""
+    from tests.local_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "tiny")
+    repo = _git_repo(tmp_path)
+    cfg = load_config(REPO / "params.yaml", [
+        f"model.spec={model}", "data.calib_source=pydoc", "data.eval_source=pydoc", "calibration.samples=4",
+        "calibration.seqlen=32", "calibration.batch_size=4", "pho.n_trials=4", "pho.top_k=1",
+        "pho.verify_max_windows=2", "eval.ppl.seqlen=32", "eval.ppl.max_windows=4", "tracking.enabled=false",
+        "release.register_model=false",
+    ])
+    (repo / "params.yaml").write_text(cfg.dump_yaml())
+    # the stages call `crepe` from PATH: a shim running this worktree's CLI with the test's interpreter
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "crepe"
+    shim.write_text(f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m flows.cli \"$@\"\n")
+    shim.chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}", "OMP_NUM_THREADS": "1"}
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "init"], cwd=repo, check=True, env=env)
+    proc = subprocess.run([DVC, "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((repo / "data" / "metrics" / "eval.json").read_text())
+    assert metrics["perplexity"]["ppl"] > 1
+    assert (repo / "dvc.lock").is_file() and (repo / "data" / "pruned" / "crepe_manifest.json").is_file()
+    again = subprocess.run([DVC, "status"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0
+    changed = [s for s in ("search", "prune", "evaluate", "verify") if f"{s}:" in again.stdout]
+    assert changed == [], again.stdout  # only the always-changed prepare stage may be listed
