@@ -356,21 +356,34 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _permute(scores: torch.Tensor, config: PruneConfig, ctx: LayerContext) -> torch.Tensor:
-    """Channel-permuted N:M keep-mask (original channel order) from :mod:`crepe.permute`."""
+def _permuted_mask_fn(config: PruneConfig) -> Callable[..., Any]:
     try:
         from crepe.permute import permuted_mask
     except ImportError:
         raise CrepeError(
             f"refine {config.refine!r} needs crepe.permute (channel permutation), which this installation lacks"
         ) from None
+    return permuted_mask
+
+
+def _permute(scores: torch.Tensor, config: PruneConfig, ctx: LayerContext) -> torch.Tensor:
+    """Channel-permuted N:M keep-mask (original channel order) from :mod:`crepe.permute`.
+
+    Contract: ``permuted_mask(scores, pattern, method, **refine_params) -> (keep, info)`` with
+    ``keep`` in the original channel order and ``info["permutation"]`` the permutation (new position ->
+    original input channel) under which ``keep`` is N:M; the other ``info`` entries (gains) go
+    into the report.
+    """
+    permuted_mask = _permuted_mask_fn(config)
     assert config.sparsity.pattern is not None
     keep, info = permuted_mask(scores, config.sparsity.pattern, config.refine, **config.refine_params)
-    perm = info.get("perm") if isinstance(info, dict) else None
+    perm = info.get("permutation") if isinstance(info, dict) else None
     if perm is None:
-        raise RuntimeError("internal error: crepe.permute.permuted_mask must return the permutation as info['perm']")
+        raise RuntimeError(
+            "internal error: crepe.permute.permuted_mask must return the permutation as info['permutation']"
+        )
     ctx.perm = torch.as_tensor(perm, dtype=torch.long, device=scores.device)
-    ctx.info["permutation"] = {k: _jsonable(v) for k, v in info.items() if k != "perm"}
+    ctx.info["permutation"] = {k: _jsonable(v) for k, v in info.items() if k != "permutation"}
     return keep
 
 
@@ -519,6 +532,8 @@ def prune_model(
             raise CrepeError(
                 f"calibration ids must have shape (n_samples, seqlen), got {tuple(calib_ids.shape)}"
             )
+    if config.refine in PERMUTE_REFINES:
+        _permuted_mask_fn(config)  # fail before any work when the module is missing
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     ratios = _block_targets(model, calib_ids if calibrated else None, config, path, len(blocks), batch_size, dev)

@@ -267,36 +267,68 @@ def sparsegpt_prune(
     return SparseGPTResult(w, ~prune, info)
 
 
+SEGMENT = 16  # columns solved at once inside a block when the mask is fixed (unstructured)
+
+
+def _segment_errors(cur: torch.Tensor, prune: torch.Tensor, u_seg: torch.Tensor) -> torch.Tensor:
+    """OBS errors of one column segment with a fixed prune-mask, all rows at once.
+
+    The official loop computes, column by column, ``e_i = p_i (w_i - sum_{k<i} e_k U_ki) / U_ii``.
+    Row r's errors therefore solve ``e_r A_r = (w_r * p_r)`` with the upper-triangular
+    ``A_r = U * (p_r p_r^T) + diag(1 - p_r)`` (kept columns get ``e_i = 0``): one batched solve.
+    """
+    p = prune.to(u_seg.dtype)
+    a = u_seg[None, :, :] * (p[:, :, None] * p[:, None, :])
+    a = a + torch.diag_embed(1.0 - p)
+    rhs = (cur * p)[:, None, :]
+    return torch.linalg.solve_triangular(a, rhs, upper=True, left=False)[:, 0, :]
+
+
 def _obs_loop(
     w: torch.Tensor, u: torch.Tensor, sparsity: float, pattern: NMPattern | None, blocksize: int, rule: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official ``fasterprune`` loop, in place on ``w``; returns (prune-mask, OBS loss)."""
+    """The official ``fasterprune`` loop, in place on ``w``; returns (prune-mask, OBS loss).
+
+    Mathematically the official column-by-column loop (tests compare it with a slow float64
+    reference): within a block, columns are processed in segments whose mask is known at the
+    segment start (N:M: one group of M, chosen from the already updated weights as the official
+    code does at ``t % M == 0``; unstructured: the block's mask is fixed, segments of 16). Each
+    segment's errors come from one batched triangular solve, its kept weights are the running
+    weights minus the segment's earlier errors, and the block's later columns are updated once per
+    segment instead of once per column.
+    """
     out_dim, n_cols = w.shape
     prune = torch.zeros_like(w, dtype=torch.bool)
     loss = torch.zeros((), dtype=torch.float64, device=w.device)
+    seg = pattern.m if pattern is not None else SEGMENT
     for i1 in range(0, n_cols, blocksize):
         i2 = min(i1 + blocksize, n_cols)
         w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
         err1 = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         d = torch.diagonal(u1)
+        width = i2 - i1
         if pattern is None:
             mask1 = _block_mask(w1.square() / d.square()[None, :], sparsity, rule)
         else:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if pattern is not None and i % pattern.m == 0:
-                sal = w1[:, i : i + pattern.m].square() / d[i : i + pattern.m].square()[None, :]
-                mask1[:, i : i + pattern.m] = _prune_lowest_k(sal, pattern.n)
-            col = w1[:, i]
-            q = col.masked_fill(mask1[:, i], 0.0)
-            q1[:, i] = q
-            e = (col - q) / d[i]
-            loss += (e.double().square()).sum() / 2
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
-            err1[:, i] = e
-        w[:, i1:i2] = q1
+        for a in range(0, width, seg):
+            b = min(a + seg, width)
+            cur = w1[:, a:b]
+            if pattern is not None:  # the N lowest W^2 / U_tt^2 of the group, ties by position
+                sal = cur.square() / d[a:b].square()[None, :]
+                lowest = torch.sort(sal, dim=1, stable=True).indices[:, : pattern.n]
+                mask1[:, a:b].scatter_(1, lowest, True)
+            p = mask1[:, a:b]
+            u_seg = u1[a:b, a:b]
+            e = _segment_errors(cur, p, u_seg)
+            kept = cur - e @ torch.triu(u_seg, diagonal=1)
+            w1[:, a:b] = kept.masked_fill(p, 0.0)
+            err1[:, a:b] = e
+            loss += e.double().square().sum() / 2
+            if b < width:
+                w1[:, b:] -= e @ u1[a:b, b:]
+        w[:, i1:i2] = w1
         prune[:, i1:i2] = mask1
         if i2 < n_cols:
             w[:, i2:] -= err1 @ u[i1:i2, i2:]

@@ -648,7 +648,7 @@ def _fake_permute_module(calls: list) -> object:
         keep_perm = select_mask_nm(scores[:, perm], pattern)
         keep = torch.empty_like(keep_perm)
         keep[:, perm] = keep_perm
-        return keep, {"perm": perm, "score_before": 1.0, "score_after": 1.5}
+        return keep, {"permutation": perm.tolist(), "score_before": 1.0, "score_after": 1.5}
 
     mod = types.ModuleType("crepe.permute")
     mod.permuted_mask = permuted_mask
@@ -683,6 +683,17 @@ def test_channel_permutation_integration_with_stand_in(method: str, calib_ids: t
     assert report.refine_summary()["permuted_layers"] == 14
 
 
+def test_channel_permutation_without_module_fails_early(calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "crepe.permute", None)
+    model = build("llama")
+    original = copy.deepcopy(model)
+    with pytest.raises(CrepeError, match="needs crepe.permute"):
+        prune_model(model, calib_ids, _ext_config("wanda", "2:4", "lsa"))
+    _assert_state_equal(model, original)
+
+
 @pytest.mark.parametrize("refine", ["cp", "lsa"])
 @pytest.mark.parametrize("method", EXT_METHODS)
 def test_channel_permutation_with_real_module(method: str, refine: str, calib_ids: torch.Tensor) -> None:
@@ -690,6 +701,10 @@ def test_channel_permutation_with_real_module(method: str, refine: str, calib_id
     model = build("llama")
     report = prune_model(model, calib_ids, _ext_config(method, "2:4", refine))
     assert report.nm_valid is True and report.sparsity >= 0.5
+    info = report.layer_info[f"{PATH}.0.mlp.down_proj"]["permutation"]
+    assert info["method"] == refine and "permutation" not in info
+    if method != "sparsegpt":  # SparseGPT uses only the permutation; its mask comes from the OBS loop
+        assert report.refine_summary()["permuted_layers"] == 14
 
 
 @pytest.mark.parametrize(
