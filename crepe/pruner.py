@@ -8,6 +8,7 @@ pruned. With an offloaded model only the current block and its activations visit
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 from collections.abc import Callable
@@ -43,6 +44,14 @@ from crepe.types import NMPattern, SparsitySpec, check_group, check_sparsity
 
 ALLOCATIONS: tuple[str, ...] = ("owl", "alpha", "dlp")
 CALIBRATED_ALLOCATIONS: tuple[str, ...] = ("owl", "dlp")  # AlphaPruning reads only the weights
+
+
+def _allocation_module() -> Any | None:
+    """:mod:`crepe.allocation` if this installation has it (imported lazily: optional at import)."""
+    try:
+        return importlib.import_module("crepe.allocation")
+    except ImportError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,13 @@ class PruneConfig:
     def resolved_refine_params(self) -> dict[str, Any]:
         return resolve_refine_params(self.refine, self.refine_params)
 
+    def resolved_allocation_params(self) -> dict[str, Any]:
+        """The allocator's defaults overlaid with ``allocation_params`` (as given without the module)."""
+        module = _allocation_module() if self.allocation in ALLOCATIONS else None
+        if module is None:
+            return dict(self.allocation_params)
+        return module.resolve_allocator_params(self.allocation, self.allocation_params)
+
     def validate(self) -> None:
         """Raise CrepeError for unknown names, bad values and combinations that make no sense."""
         params = self.resolved_params()
@@ -133,6 +149,11 @@ class PruneConfig:
                 f"allocation {self.allocation!r} sets a different unstructured sparsity per block and cannot "
                 f"be combined with the N:M pattern {pattern}; use an unstructured sparsity such as 0.7"
             )
+        if self.allocation is not None:
+            self.resolved_allocation_params()
+            module = _allocation_module()
+            if module is not None:
+                module.check_target(self.sparsity.sparsity)
         if self.block_sparsity is not None:
             if pattern is not None:
                 raise CrepeError(
@@ -161,7 +182,7 @@ class PruneConfig:
             "refine": self.refine,
             "refine_params": self.resolved_refine_params(),
             "allocation": self.allocation,
-            "allocation_params": dict(self.allocation_params),
+            "allocation_params": self.resolved_allocation_params(),
             "block_sparsity": list(self.block_sparsity) if self.block_sparsity is not None else None,
         }
 

@@ -46,6 +46,26 @@ def test_prune_dsnot_with_params_manifest(tiny, tmp_path, capsys):
     assert all("swaps" in layer["info"]["dsnot"] for layer in attn)
 
 
+def test_prune_allocation_and_permutation(tiny, tmp_path, capsys):
+    pytest.importorskip("crepe.allocation")
+    pytest.importorskip("crepe.permute")
+    out = tmp_path / "owl"
+    code, stdout, err = run(["prune", "--model", str(tiny), "--method", "wanda", "--sparsity", "0.7", "--allocation",
+                             "owl", "--allocation-param", "lam=0.05", "--out", str(out), *HERMETIC], capsys)
+    assert code == 0, err
+    assert "owl sparsity per block" in stdout
+    prune = json.loads((out / "crepe_manifest.json").read_text())["prune"]
+    assert prune["config"]["allocation_params"] == {"m": 5.0, "lam": 0.05}
+    assert len(prune["block_sparsity"]) == 2 and sum(prune["block_sparsity"]) / 2 == pytest.approx(0.7)
+    out = tmp_path / "lsa"
+    code, stdout, err = run(["prune", "--model", str(tiny), "--method", "sparsegpt", "--sparsity", "2:4", "--refine",
+                             "lsa", "--out", str(out), *HERMETIC], capsys)
+    assert code == 0, err
+    prune = json.loads((out / "crepe_manifest.json").read_text())["prune"]
+    assert prune["nm_valid"] is True and prune["config"]["refine"] == "lsa"
+    assert all("gain" in layer["info"]["permutation"] for layer in prune["layers"])
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -61,6 +81,7 @@ def test_prune_dsnot_with_params_manifest(tiny, tmp_path, capsys):
         (["--method", "ria", "--sparsity", "0.5", "--refine", "dsnot", "--refine-param", "novalue"], "is not KEY=VALUE"),
         (["--method", "sparsegpt", "--sparsity", "0.5", "--group", "row"], "does not apply to method 'sparsegpt'"),
         (["--method", "sparsegpt", "--sparsity", "0.5", "--gamma", "1"], "has no parameter 'gamma'"),
+        (["--method", "ria", "--sparsity", "0.7", "--allocation", "owl", "--allocation-param", "lam=-1"], "lam=-1"),
     ],
 )
 def test_bad_combinations_exit_2_with_one_line(args, message, tmp_path, capsys):

@@ -605,28 +605,26 @@ def test_per_block_sparsity_list(method: str, refine: str | None, calib_ids: tor
 def test_allocation_uses_the_allocators_ratios(calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     """crepe.allocation.block_ratios is called before pruning with the documented arguments."""
     import sys
-    import types
 
+    allocation = pytest.importorskip("crepe.allocation")
     calls = []
 
     def block_ratios(model, calib_ids, method, target, *, blocks_path, batch_size, device, **params):
         calls.append((method, target, blocks_path, batch_size, str(device), params, calib_ids.shape))
         return [0.6, 0.8]
 
-    fake = types.ModuleType("crepe.allocation")
-    fake.block_ratios = block_ratios
-    monkeypatch.setitem(sys.modules, "crepe.allocation", fake)
+    monkeypatch.setattr(allocation, "block_ratios", block_ratios)
     model = build("llama")
     config = _ext_config("wanda", "0.7", allocation="owl", allocation_params={"lam": 0.1, "m": 5})
     report = prune_model(model, calib_ids, config, batch_size=3)
     assert calls == [("owl", 0.7, PATH, 3, "cpu", {"lam": 0.1, "m": 5}, calib_ids.shape)]
     assert report.block_sparsity == [0.6, 0.8] and "allocation" in report.seconds
-    assert report.config["allocation"] == "owl" and report.config["allocation_params"] == {"lam": 0.1, "m": 5}
+    assert report.config["allocation"] == "owl" and report.config["allocation_params"] == {"lam": 0.1, "m": 5.0}
     for name, module in _linears(model).items():
         ratio = 0.6 if f"{PATH}.0." in name else 0.8
         assert report.mask_pruned[name] == module.weight.shape[0] * int(ratio * module.weight.shape[1])
 
-    fake.block_ratios = lambda *a, **k: [0.5]  # wrong length: an internal error, before any change
+    monkeypatch.setattr(allocation, "block_ratios", lambda *a, **k: [0.5])  # wrong length: internal error
     fresh = build("llama")
     original = copy.deepcopy(fresh)
     with pytest.raises(RuntimeError, match="returned 1 ratios for 2 blocks"):
@@ -635,6 +633,20 @@ def test_allocation_uses_the_allocators_ratios(calib_ids: torch.Tensor, monkeypa
     monkeypatch.setitem(sys.modules, "crepe.allocation", None)  # not installed
     with pytest.raises(CrepeError, match="needs crepe.allocation"):
         prune_model(fresh, calib_ids, config)
+
+
+@pytest.mark.parametrize(("allocation", "method"), [("owl", "wanda"), ("alpha", "ria"), ("dlp", "crepe"),
+                                                    ("owl", "sparsegpt"), ("dlp", "wanda")])
+def test_real_allocators_compose(allocation: str, method: str, calib_ids: torch.Tensor) -> None:
+    allocation_mod = pytest.importorskip("crepe.allocation")
+    model = build("gemma3")
+    refine = "dsnot" if (allocation, method) == ("dlp", "wanda") else None
+    report = prune_model(model, calib_ids, _ext_config(method, "0.6", refine, allocation=allocation))
+    ratios = report.block_sparsity
+    assert len(ratios) == 3 and len(set(ratios)) > 1
+    if allocation_mod.RATIO_MEAN[allocation] == "simple":
+        assert sum(ratios) / 3 == pytest.approx(0.6)
+    assert report.config["allocation_params"] == allocation_mod.ALLOCATOR_DEFAULTS[allocation]
 
 
 def _fake_permute_module(calls: list) -> object:
@@ -728,6 +740,7 @@ def test_channel_permutation_with_real_module(method: str, refine: str, calib_id
         ({"method": "wanda", "sparsity": "2:4", "block_sparsity": (0.5, 0.5)}, True, "N:M pattern 2:4"),
         ({"method": "wanda", "sparsity": "0.5", "block_sparsity": (0.5, 0.5), "allocation": "dlp"}, True, "not both"),
         ({"method": "wanda", "sparsity": "0.5", "allocation_params": {"m": 5}}, True, "no allocation"),
+        ({"method": "wanda", "sparsity": "0.5", "allocation": "owl", "allocation_params": {"q": 5}}, True, "no parameter 'q'"),
     ],
 )
 def test_bad_combinations_fail_before_any_change(kwargs: dict, calib: bool, message: str, calib_ids: torch.Tensor) -> None:
