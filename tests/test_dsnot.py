@@ -324,11 +324,16 @@ def test_r2_boundary_only_tightens_acceptance() -> None:
     lay = _layer(4)
     w, act = lay["weight"], lay["act_norm"]
     keep0 = select_mask(w.abs() * act[None, :], 0.5, group="row")
-    args = ("mlp.up_proj", w, keep0, w.abs(), act, lay["mean_prime"], lay["var"], None)
+    args = ("self_attn.q_proj", w, keep0, w.abs(), act, lay["mean_prime"], lay["var"], None)
     base, b_info = refine_layer("r2-dsnot", resolve_refine_params("r2-dsnot", {}), *args)
     strict, s_info = refine_layer("r2-dsnot", resolve_refine_params("r2-dsnot", {"gamma1": 5.0}), *args)
     assert s_info["swaps"] < b_info["swaps"]
     assert torch.equal(keep0.sum(1), strict.sum(1)) and torch.equal(keep0.sum(1), base.sum(1))
+
+
+def test_default_skip_layer_is_the_official_mlp() -> None:
+    assert resolve_refine_params("dsnot", {})["skip_layer"] == "mlp"
+    assert resolve_refine_params("r2-dsnot", {})["skip_layer"] == "mlp"
 
 
 def test_skip_layer_follows_official_name_rule() -> None:
@@ -397,6 +402,6 @@ def test_bad_params(refine: str | None, params: dict, message: str) -> None:
 def test_defaults_are_the_official_ones() -> None:
     p = resolve_refine_params("dsnot", {})
     assert (p["max_cycle_time"], p["update_threshold"], p["pow_of_var_regrowing"]) == (50, 0.1, 1.0)
-    assert p["same_sign"] is None and p["order"] == "initial" and p["skip_layer"] == "no_skip"
+    assert p["same_sign"] is None and p["order"] == "initial" and p["skip_layer"] == "mlp"
     r2 = resolve_refine_params("r2-dsnot", {})
     assert (r2["reweight"], r2["act_pow"], r2["gamma1"], r2["gamma2"]) == ("grow", 0.5, 0.0, 0.0)

@@ -421,7 +421,8 @@ def test_composition_matrix_runs_and_verifies(method: str, refine: str | None, s
     """{magnitude, wanda, ria, crepe, sparsegpt} x {none, dsnot, r2-dsnot} x {50%, 2:4} on a tiny model."""
     model = build("llama")
     original = copy.deepcopy(model)
-    config = _ext_config(method, sparsity, refine)
+    extra = {"refine_params": {"skip_layer": "no_skip"}} if refine else {}  # refine every linear here
+    config = _ext_config(method, sparsity, refine, **extra)
     report = prune_model(model, calib_ids, config, batch_size=4)  # verify_report runs inside
     pattern = parse_sparsity(sparsity).pattern
     linears, originals = _linears(model), _linears(original)

@@ -34,9 +34,8 @@ Defaults, as the official ``main.py``: max_cycle_time 50, update_threshold 0.1,
 pow_of_var_regrowing 1, same sign check off for unstructured (``--without_same_sign`` is a
 ``type=bool`` flag that is always True) and on for N:M (``same_sign=None`` keeps this split).
 ``pow_of_var_pruning`` is parsed by the official script but never used, so it is not a parameter
-here; ``--without_DSnoT`` is ``refine=None``. **Deviation:** ``skip_layer`` defaults to
-``"no_skip"`` (refine every linear); the official default ``"mlp"`` leaves the mlp linears with the
-plain initial mask and is available as ``skip_layer="mlp"``.
+here; ``--without_DSnoT`` is ``refine=None``. ``skip_layer`` defaults to the official ``"mlp"``
+(the mlp linears keep the plain initial mask); ``skip_layer="no_skip"`` refines every linear.
 
 **Edge rules (ours; they never trigger while the official lists are long enough, e.g. at LLM
 widths):** a row stops when its growth candidate is not currently pruned or would not move ``e``
@@ -82,7 +81,7 @@ DSNOT_DEFAULTS: dict[str, Any] = {
     "pow_of_var_regrowing": 1.0,
     "same_sign": None,  # None: official split (off unstructured, on N:M)
     "monotone": False,
-    "skip_layer": "no_skip",
+    "skip_layer": "mlp",
     "order": "initial",
 }
 R2_DEFAULTS: dict[str, Any] = {
