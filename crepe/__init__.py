@@ -7,7 +7,10 @@ Public API (pure library: torch and transformers; never prefect, mlflow or dvc):
 - ``score(method, weight, act_norm, **params)`` and the ``SCORERS`` registry;
 - ``neighborhood_sum(abs_weight, kernel_size)``: CRePE's cross-excluding K x K window sum;
 - ``select_mask(scores, sparsity=None, pattern=None, group="layer")``: bool keep-masks;
-- ``prune_model(model, calib_ids, PruneConfig(...))``: sequential layer-wise pruning;
+- ``prune_model(model, calib_ids, PruneConfig(...))``: sequential layer-wise pruning; methods are
+  the scorers plus SparseGPT (``crepe.methods``), with optional refinement (``refine="cp"|"lsa"|
+  "dsnot"|"r2-dsnot"``) and per-block sparsity (``allocation="owl"|"alpha"|"dlp"`` or
+  ``block_sparsity=[...]``);
 - ``perplexity(model, input_ids, seqlen, max_windows)``: the WikiText-2 protocol;
 - ``data.get_calibration`` / ``data.get_eval_tokens``: seeded C4 windows and WikiText-2 tokens.
 """

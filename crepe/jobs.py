@@ -23,10 +23,10 @@ from crepe import data as data_mod
 from crepe.errors import CrepeError
 from crepe.evaluate import perplexity
 from crepe.io import atomic_dir, dir_is_nonempty, sha256_file, write_json_atomic
+from crepe.methods import get_method, resolve_method_params
 from crepe.models import DEFAULT_MODEL, LoadedModel, load_model
 from crepe.provenance import code_version, command_line, machine, package_versions
 from crepe.pruner import PruneConfig, PruneReport, prune_model
-from crepe.scoring import get_scorer, resolve_params
 from crepe.types import SparsitySpec, parse_sparsity
 
 MANIFEST = "crepe_manifest.json"
@@ -79,19 +79,38 @@ def build_config(
     params: dict[str, Any] | None = None,
     group: str | None = None,
     rule: str = "exact",
+    *,
+    refine: str | None = None,
+    refine_params: dict[str, Any] | None = None,
+    allocation: str | None = None,
+    allocation_params: dict[str, Any] | None = None,
+    block_sparsity: list[float] | tuple[float, ...] | None = None,
 ) -> PruneConfig:
-    """Validate everything about a prune request before any model is loaded."""
-    get_scorer(method)
+    """Validate everything about a prune request before any model is loaded.
+
+    Bad names, values and combinations (allocation with N:M, channel permutation with unstructured
+    sparsity, unknown refinements, ...) raise CrepeError here, before any work.
+    """
+    get_method(method)
     spec = sparsity if isinstance(sparsity, SparsitySpec) else parse_sparsity(sparsity)
-    config = PruneConfig(method, spec, dict(params or {}), group, rule)
+    config = PruneConfig(
+        method,
+        spec,
+        dict(params or {}),
+        group,
+        rule,
+        refine=refine,
+        refine_params=dict(refine_params or {}),
+        allocation=allocation,
+        allocation_params=dict(allocation_params or {}),
+        block_sparsity=tuple(block_sparsity) if block_sparsity is not None else None,
+    )
+    config.validate()
     resolved = config.resolved_params()
-    config.resolved_group()
     if method == "crepe":
         _check_crepe_params(resolved)
     if "a" in resolved and (not isinstance(resolved["a"], (int, float)) or not np.isfinite(resolved["a"])):
         raise CrepeError(f"activation exponent a={resolved['a']!r} must be a finite number")
-    if rule not in ("exact", "threshold"):
-        raise CrepeError(f"unknown selection rule {rule!r}; allowed: exact, threshold")
     return config
 
 
@@ -122,7 +141,7 @@ def load_params_file(path: str | Path, method: str) -> dict[str, Any]:
         raw = raw["params"]
     if not isinstance(raw, dict):
         raise CrepeError(f"params file {file} must hold a JSON object of parameters")
-    resolve_params(method, raw)  # unknown names raise
+    resolve_method_params(method, raw)  # unknown names raise
     return dict(raw)
 
 
@@ -176,7 +195,7 @@ def prune_loaded(
     seed_everything(budget.seed)
     calib_ids = None
     data_info: dict[str, Any] = {"calibration": None}
-    if get_scorer(config.method).needs_activations:
+    if config.needs_calibration:
         calib_ids, data_info["calibration"] = calibration or calibrate(lm, budget)
     report = prune_model(
         lm.model,
@@ -329,7 +348,7 @@ def run_compare(
     lm = load_model(model, dtype=dtype, device=device)
     tokens = data_mod.get_eval_tokens(lm.tokenizer, split, budget.eval_source, budget.data_dir)
     # One calibration set for every method (sampled once; identical windows by construction).
-    calibration = calibrate(lm, budget) if any(get_scorer(c.method).needs_activations for c in configs) else None
+    calibration = calibrate(lm, budget) if any(c.needs_calibration for c in configs) else None
     log(f"model: {lm.info.spec} ({lm.info.architecture}, {lm.info.n_params / 1e6:.1f}M params, {lm.info.dtype}, {lm.info.device})")
     log(f"evaluation: {tokens[1].source} {split} ({tokens[1].path})")
     rows: list[dict[str, Any]] = []

@@ -8,6 +8,8 @@ pruned. With an offloaded model only the current block and its activations visit
 
 from __future__ import annotations
 
+import importlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,26 +27,149 @@ from crepe.blocks import (
     run_block,
 )
 from crepe.errors import CrepeError
-from crepe.masks import LayerSparsity, measure_sparsity, select_mask
-from crepe.scoring import get_scorer, resolve_params, score
-from crepe.types import SparsitySpec, check_group
+from crepe.masks import LAYER_RULES, LayerSparsity, measure_sparsity, select_mask
+from crepe.methods import get_method, is_updater, resolve_method_params
+from crepe.refine import DSNOT_REFINES, PERMUTE_REFINES, check_refine, resolve_refine_params
+from crepe.refine.dsnot import MeanVarAccumulator, refine_layer
+from crepe.scoring import get_scorer, score
+from crepe.sparsegpt import (
+    HessianAccumulator,
+    check_pattern_blocksize,
+    expected_block_pruned,
+    gram,
+    sparsegpt_prune,
+    sparsegpt_score,
+)
+from crepe.types import NMPattern, SparsitySpec, check_group, check_sparsity
+
+ALLOCATIONS: tuple[str, ...] = ("owl", "alpha", "dlp")
+CALIBRATED_ALLOCATIONS: tuple[str, ...] = ("owl", "dlp")  # AlphaPruning reads only the weights
+
+
+def _allocation_module() -> Any | None:
+    """:mod:`crepe.allocation` if this installation has it (imported lazily: optional at import)."""
+    try:
+        return importlib.import_module("crepe.allocation")
+    except ImportError:
+        return None
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """What to prune and how; ``group=None`` means the method's official comparison group."""
+    """What to prune and how; ``group=None`` means the method's official comparison group.
+
+    - ``method``: a scorer (magnitude, wanda, ria, crepe, ...) or an updater (sparsegpt);
+    - ``refine``: None, ``"cp"`` / ``"lsa"`` (channel permutation, N:M only), ``"dsnot"`` or
+      ``"r2-dsnot"`` (prune-and-grow from the method's mask), with ``refine_params``;
+    - ``allocation``: None or ``"owl"`` / ``"alpha"`` / ``"dlp"``: per-block unstructured ratios
+      whose mean is ``sparsity`` (:func:`crepe.allocation.block_ratios`), with ``allocation_params``;
+    - ``block_sparsity``: explicit per-block unstructured ratios (one per decoder block), instead
+      of an allocator; ``sparsity`` is then only the nominal target recorded in the manifest.
+
+    SparseGPT with ``refine="dsnot"``/``"r2-dsnot"`` is DSnoT's ``--initial_method sparsegpt``: the
+    initial mask comes from the static saliency ``W^2 / diag(U)^2`` (per output row by default) and
+    the weights are not reconstructed, as in the official DSnoT code.
+    """
 
     method: str
     sparsity: SparsitySpec
     params: dict[str, Any] = field(default_factory=dict)
     group: str | None = None
     rule: str = "exact"  # "exact" counts, or the official "threshold" (<= tau) rule for layers
+    refine: str | None = None
+    refine_params: dict[str, Any] = field(default_factory=dict)
+    allocation: str | None = None
+    allocation_params: dict[str, Any] = field(default_factory=dict)
+    block_sparsity: tuple[float, ...] | None = None
+
+    @property
+    def reconstructs(self) -> bool:
+        """True when the method rewrites the kept weights (SparseGPT without DSnoT)."""
+        return is_updater(self.method) and self.refine not in DSNOT_REFINES
+
+    @property
+    def needs_calibration(self) -> bool:
+        return (
+            get_method(self.method).needs_activations
+            or self.refine in DSNOT_REFINES
+            or self.allocation in CALIBRATED_ALLOCATIONS
+        )
 
     def resolved_group(self) -> str:
+        if is_updater(self.method):
+            if self.refine in DSNOT_REFINES:  # DSnoT's initial mask is per output row (official)
+                return check_group(self.group) if self.group else "row"
+            if self.group:
+                raise CrepeError(
+                    f"group={self.group!r} does not apply to method {self.method!r}, which selects its "
+                    "unstructured mask per column block itself; leave --group unset"
+                )
+            return f"block{self.resolved_params()['blocksize']}"
         return check_group(self.group) if self.group else get_scorer(self.method).default_group
 
     def resolved_params(self) -> dict[str, Any]:
-        return resolve_params(self.method, self.params)
+        return resolve_method_params(self.method, self.params)
+
+    def resolved_refine_params(self) -> dict[str, Any]:
+        return resolve_refine_params(self.refine, self.refine_params)
+
+    def resolved_allocation_params(self) -> dict[str, Any]:
+        """The allocator's defaults overlaid with ``allocation_params`` (as given without the module)."""
+        module = _allocation_module() if self.allocation in ALLOCATIONS else None
+        if module is None:
+            return dict(self.allocation_params)
+        return module.resolve_allocator_params(self.allocation, self.allocation_params)
+
+    def validate(self) -> None:
+        """Raise CrepeError for unknown names, bad values and combinations that make no sense."""
+        params = self.resolved_params()
+        pattern = self.sparsity.pattern
+        if self.rule not in LAYER_RULES:
+            raise CrepeError(f"unknown selection rule {self.rule!r}; allowed: {', '.join(LAYER_RULES)}")
+        if pattern is None:
+            self.resolved_group()
+        elif self.group:
+            check_group(self.group)
+        check_refine(self.refine)
+        self.resolved_refine_params()
+        if self.refine in PERMUTE_REFINES and pattern is None:
+            raise CrepeError(
+                f"refine {self.refine!r} (channel permutation) only applies to N:M patterns, not to "
+                f"unstructured sparsity {self.sparsity}; use a pattern such as 2:4 or drop --refine"
+            )
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise CrepeError(f"unknown allocation {self.allocation!r}; allowed: {', '.join(ALLOCATIONS)} (or none)")
+        if self.allocation_params and self.allocation is None:
+            raise CrepeError(
+                f"allocation parameters {sorted(self.allocation_params)} were given but no allocation "
+                "(--allocation) was chosen"
+            )
+        if self.allocation is not None and pattern is not None:
+            raise CrepeError(
+                f"allocation {self.allocation!r} sets a different unstructured sparsity per block and cannot "
+                f"be combined with the N:M pattern {pattern}; use an unstructured sparsity such as 0.7"
+            )
+        if self.allocation is not None:
+            self.resolved_allocation_params()
+            module = _allocation_module()
+            if module is not None:
+                module.check_target(self.sparsity.sparsity)
+        if self.block_sparsity is not None:
+            if pattern is not None:
+                raise CrepeError(
+                    f"per-block sparsities cannot be combined with the N:M pattern {pattern}; use an "
+                    "unstructured sparsity"
+                )
+            if self.allocation is not None:
+                raise CrepeError(
+                    f"give either allocation {self.allocation!r} or explicit per-block sparsities, not both"
+                )
+            if not self.block_sparsity:
+                raise CrepeError("the per-block sparsity list is empty; give one ratio per decoder block")
+            for value in self.block_sparsity:
+                check_sparsity(value)
+        if is_updater(self.method):
+            check_pattern_blocksize(pattern, params["blocksize"])
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +179,11 @@ class PruneConfig:
             "group": None if self.sparsity.pattern else self.resolved_group(),
             "rule": self.rule,
             "params": self.resolved_params(),
+            "refine": self.refine,
+            "refine_params": self.resolved_refine_params(),
+            "allocation": self.allocation,
+            "allocation_params": self.resolved_allocation_params(),
+            "block_sparsity": list(self.block_sparsity) if self.block_sparsity is not None else None,
         }
 
 
@@ -80,6 +210,9 @@ class PruneReport:
     layers: list[LayerSparsity]
     mask_pruned: dict[str, int]
     seconds: dict[str, float]
+    targets: dict[str, float] = field(default_factory=dict)  # per-layer target sparsity (unstructured)
+    layer_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # refinement / SparseGPT facts
+    block_sparsity: list[float] | None = None  # per-block ratios actually used (allocation or explicit)
 
     @property
     def total_zeros(self) -> int:
@@ -98,6 +231,24 @@ class PruneReport:
         flags = [layer.nm_valid for layer in self.layers]
         return None if any(f is None for f in flags) else all(flags)  # type: ignore[arg-type]
 
+    @property
+    def damping_retries(self) -> list[dict[str, Any]]:
+        """Every failed SparseGPT Cholesky attempt (layer, percdamp, stage), in pruning order."""
+        return [r for info in self.layer_info.values() for r in info.get("sparsegpt", {}).get("damping_retries", [])]
+
+    def refine_summary(self) -> dict[str, Any] | None:
+        """Totals over layers of the refinement (DSnoT swaps, permutation gains)."""
+        dsnot = [i["dsnot"] for i in self.layer_info.values() if "dsnot" in i]
+        perm = [i["permutation"] for i in self.layer_info.values() if "permutation" in i]
+        out: dict[str, Any] = {}
+        if dsnot:
+            out["dsnot_swaps"] = sum(d.get("swaps", 0) for d in dsnot)
+            out["dsnot_layers_skipped"] = sum(1 for d in dsnot if d.get("skipped"))
+            out["dsnot_layers"] = len(dsnot)
+        if perm:
+            out["permuted_layers"] = len(perm)
+        return out or None
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "config": self.config,
@@ -107,8 +258,16 @@ class PruneReport:
             "total_zeros": self.total_zeros,
             "total_numel": self.total_numel,
             "nm_valid": self.nm_valid,
+            "block_sparsity": self.block_sparsity,
+            "damping_retries": self.damping_retries,
+            "refine_summary": self.refine_summary(),
             "layers": [
-                {**layer.as_dict(), "mask_pruned": self.mask_pruned.get(layer.name)}
+                {
+                    **layer.as_dict(),
+                    "mask_pruned": self.mask_pruned.get(layer.name),
+                    "target_sparsity": self.targets.get(layer.name),
+                    **({"info": self.layer_info[layer.name]} if self.layer_info.get(layer.name) else {}),
+                }
                 for layer in self.layers
             ],
             "seconds": self.seconds,
@@ -132,22 +291,228 @@ def check_pattern_fits(named: dict[str, nn.Linear], spec: SparsitySpec) -> None:
             )
 
 
+# --- per-layer statistics and pruning --------------------------------------------------------------
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one linear's inputs (from the dense block's forward)."""
+
+    act_norm: torch.Tensor | None = None  # ||X_j||_2
+    mean_prime: torch.Tensor | None = None  # (1/n_seq) sum_t x_tj (DSnoT)
+    var: torch.Tensor | None = None  # per-sequence population variance, token-weighted (DSnoT)
+    hessian: torch.Tensor | None = None  # (2/n_seq) sum X^T X (SparseGPT)
+
+
+@dataclass
+class LayerContext:
+    """Where a linear sits and what the loop knows about it; ``info``/``perm`` are filled in."""
+
+    name: str = ""  # full dotted name, for reports and errors
+    local_name: str = ""  # name inside its block (self_attn.q_proj), for DSnoT's skip_layer
+    sparsity: float | None = None  # this block's target (None: the config's)
+    stats: LayerStats | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    perm: torch.Tensor | None = None  # channel permutation (new position -> original input)
+
+
+class BlockStats:
+    """Forward hooks on a block's linears accumulating exactly the statistics the config needs.
+
+    Linears fed the same input tensor in one forward (q/k/v, gate/up) share one ``X^T X``.
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear], device: torch.device, mean_var: bool, hessian: bool) -> None:
+        self.norms = {n: InputNormAccumulator(m.in_features, device) for n, m in linears.items()}
+        self.mean_var = {n: MeanVarAccumulator(m.in_features, device) for n, m in linears.items()} if mean_var else {}
+        self.hess = {n: HessianAccumulator(m.in_features, device) for n, m in linears.items()} if hessian else {}
+        self._grams: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._hooks = [m.register_forward_hook(self._hook(n)) for n, m in linears.items()]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def record(_mod: nn.Module, inp: tuple[Any, ...], _out: Any) -> None:
+            x = inp[0]
+            self.norms[name].add(x)
+            if self.mean_var:
+                self.mean_var[name].add(x)
+            if self.hess:
+                self.hess[name].add(x, self._gram(x))
+
+        return record
+
+    def _gram(self, x: torch.Tensor) -> torch.Tensor:
+        for seen, g in self._grams:  # identity, not equality: the same tensor object in this forward
+            if seen is x:
+                return g
+        g = gram(x)
+        self._grams.append((x, g))
+        return g
+
+    def end_chunk(self) -> None:
+        self._grams.clear()
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._grams.clear()
+
+    def layer(self, name: str) -> LayerStats:
+        mv = self.mean_var.get(name)
+        hs = self.hess.get(name)
+        return LayerStats(
+            act_norm=self.norms[name].norm(),
+            mean_prime=mv.mean_prime() if mv else None,
+            var=mv.var() if mv else None,
+            hessian=hs.hessian() if hs else None,
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else (value.tolist() if value.numel() <= 64 else None)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _permuted_mask_fn(config: PruneConfig) -> Callable[..., Any]:
+    try:
+        from crepe.permute import permuted_mask
+    except ImportError:
+        raise CrepeError(
+            f"refine {config.refine!r} needs crepe.permute (channel permutation), which this installation lacks"
+        ) from None
+    return permuted_mask
+
+
+def _permute(scores: torch.Tensor, config: PruneConfig, ctx: LayerContext) -> torch.Tensor:
+    """Channel-permuted N:M keep-mask (original channel order) from :mod:`crepe.permute`.
+
+    Contract: ``permuted_mask(scores, pattern, method, **refine_params) -> (keep, info)`` with
+    ``keep`` in the original channel order and ``info["permutation"]`` the permutation (new position ->
+    original input channel) under which ``keep`` is N:M; the other ``info`` entries (gains) go
+    into the report.
+    """
+    permuted_mask = _permuted_mask_fn(config)
+    assert config.sparsity.pattern is not None
+    keep, info = permuted_mask(scores, config.sparsity.pattern, config.refine, **config.refine_params)
+    perm = info.get("permutation") if isinstance(info, dict) else None
+    if perm is None:
+        raise RuntimeError(
+            "internal error: crepe.permute.permuted_mask must return the permutation as info['permutation']"
+        )
+    ctx.perm = torch.as_tensor(perm, dtype=torch.long, device=scores.device)
+    ctx.info["permutation"] = {k: _jsonable(v) for k, v in info.items() if k != "permutation"}
+    return keep
+
+
+def _calibration_error(config: PruneConfig) -> str:
+    if get_method(config.method).needs_activations:
+        return f"method {config.method!r} needs calibration data"
+    if config.refine in DSNOT_REFINES:
+        return f"refine {config.refine!r} needs calibration data (per-channel input means and variances)"
+    return f"allocation {config.allocation!r} needs calibration data"
+
+
 def prune_linear_(
-    module: nn.Linear, config: PruneConfig, act_norm: torch.Tensor | None, device: torch.device
+    module: nn.Linear,
+    config: PruneConfig,
+    act_norm: torch.Tensor | None,
+    device: torch.device,
+    ctx: LayerContext | None = None,
 ) -> int:
-    """Score, mask and zero one linear in place; returns the number of weights the mask pruned."""
-    weight = module.weight.data
-    scores = score(config.method, weight.to(device), act_norm, **config.resolved_params())
+    """Score, mask and zero (or, for SparseGPT, reconstruct) one linear in place.
+
+    Returns the number of weights the mask pruned; ``ctx`` carries this block's sparsity, the
+    layer's statistics and receives refinement facts (``ctx.info``) and a channel permutation.
+    """
+    ctx = ctx if ctx is not None else LayerContext(stats=LayerStats(act_norm=act_norm))
+    stats = ctx.stats or LayerStats(act_norm=act_norm)
     spec = config.sparsity
-    if spec.pattern is not None:
+    sparsity = spec.sparsity if ctx.sparsity is None else ctx.sparsity
+    weight = module.weight.data
+    w = weight.to(device)
+    params = config.resolved_params()
+    if is_updater(config.method):
+        if stats.hessian is None:
+            raise CrepeError(_calibration_error(config))
+        if config.reconstructs:
+            perm = None
+            if config.refine in PERMUTE_REFINES:
+                saliency, _ = sparsegpt_score(w, stats.hessian, params["percdamp"], params["max_damp_retries"], ctx.name)
+                _permute(saliency, config, ctx)
+                perm = ctx.perm
+            result = sparsegpt_prune(
+                w, stats.hessian, sparsity, spec.pattern, params["blocksize"], params["percdamp"], config.rule,
+                params["max_damp_retries"], perm, ctx.name,
+            )
+            weight.copy_(result.weight.to(device=weight.device, dtype=weight.dtype))
+            ctx.info["sparsegpt"] = result.info
+            return result.n_pruned
+        scores, factor = sparsegpt_score(w, stats.hessian, params["percdamp"], params["max_damp_retries"], ctx.name)
+        ctx.info["sparsegpt"] = {"percdamp": factor.percdamp, "damping_retries": factor.retries, "dead_inputs": factor.n_dead}
+    else:
+        scores = score(config.method, w, act_norm, **params)
+    if config.refine in PERMUTE_REFINES:
+        keep = _permute(scores, config, ctx)
+    elif spec.pattern is not None:
         keep = select_mask(scores, pattern=spec.pattern)
     else:
-        keep = select_mask(scores, spec.sparsity, group=config.resolved_group(), rule=config.rule)
+        keep = select_mask(scores, sparsity, group=config.resolved_group(), rule=config.rule)
+    if config.refine in DSNOT_REFINES:
+        if stats.act_norm is None or stats.mean_prime is None or stats.var is None:
+            raise CrepeError(_calibration_error(config))
+        keep, info = refine_layer(
+            config.refine, config.resolved_refine_params(), ctx.local_name, w, keep, scores,
+            stats.act_norm, stats.mean_prime, stats.var, spec.pattern,
+        )
+        ctx.info["dsnot"] = info
     weight.masked_fill_(~keep.to(weight.device), 0)
     return int((~keep).sum())
 
 
 ProgressFn = Callable[[int, int, str], None]
+
+
+def _block_targets(
+    model: nn.Module,
+    calib_ids: torch.Tensor | None,
+    config: PruneConfig,
+    path: str,
+    n_blocks: int,
+    batch_size: int,
+    device: torch.device,
+) -> list[float] | None:
+    """Per-block unstructured sparsities: explicit, from the allocator, or None (uniform)."""
+    if config.block_sparsity is not None:
+        if len(config.block_sparsity) != n_blocks:
+            raise CrepeError(
+                f"{len(config.block_sparsity)} per-block sparsities were given but {path!r} has {n_blocks} blocks"
+            )
+        return [float(v) for v in config.block_sparsity]
+    if config.allocation is None:
+        return None
+    try:
+        from crepe.allocation import block_ratios
+    except ImportError:
+        raise CrepeError(
+            f"allocation {config.allocation!r} needs crepe.allocation, which this installation lacks"
+        ) from None
+    ratios = [
+        float(r)
+        for r in block_ratios(
+            model, calib_ids, config.allocation, config.sparsity.sparsity, blocks_path=path,
+            batch_size=batch_size, device=device, **config.allocation_params,
+        )
+    ]
+    if len(ratios) != n_blocks or not all(math.isfinite(r) and 0.0 <= r < 1.0 for r in ratios):
+        raise RuntimeError(
+            f"internal error: allocation {config.allocation!r} returned {len(ratios)} ratios for {n_blocks} "
+            f"blocks or a ratio outside [0, 1): {ratios}"
+        )
+    return ratios
 
 
 @torch.no_grad()
@@ -162,14 +527,13 @@ def prune_model(
 ) -> PruneReport:
     """Prune every linear in the decoder blocks of ``model`` in place and return a report.
 
-    ``calib_ids`` (n, seqlen) token windows are required for activation-aware methods. ``device``
-    is the compute device (default: where the model's weights are); blocks that live elsewhere are
-    moved there one at a time and moved back after pruning.
+    ``calib_ids`` (n, seqlen) token windows are required for activation-aware methods, SparseGPT,
+    DSnoT and the OWL/DLP allocations. ``device`` is the compute device (default: where the model's
+    weights are); blocks that live elsewhere are moved there one at a time and moved back after
+    pruning. Every check runs before the first weight changes.
     """
     started = time.perf_counter()
-    scorer = get_scorer(config.method)
-    config.resolved_params()
-    config.resolved_group()
+    config.validate()
     path, blocks = find_blocks(model, blocks_path)
     named = {
         f"{path}.{i}.{name}": m for i, b in enumerate(blocks) for name, m in prunable_linears(b).items()
@@ -181,19 +545,32 @@ def prune_model(
     dev = torch.device(device) if device is not None else model_device(model)
     if batch_size < 1:
         raise CrepeError(f"batch_size must be >= 1, got {batch_size}")
-    seconds: dict[str, float] = {}
-    mask_pruned: dict[str, int] = {}
-    inputs: BlockInputs | None = None
-    if scorer.needs_activations:
+    calibrated = config.needs_calibration
+    if calibrated:
         if calib_ids is None or calib_ids.numel() == 0:
-            raise CrepeError(f"method {config.method!r} needs calibration data")
+            raise CrepeError(_calibration_error(config))
         if calib_ids.dim() != 2:
             raise CrepeError(
                 f"calibration ids must have shape (n_samples, seqlen), got {tuple(calib_ids.shape)}"
             )
+    if config.refine in PERMUTE_REFINES:
+        _permuted_mask_fn(config)  # fail before any work when the module is missing
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ratios = _block_targets(model, calib_ids if calibrated else None, config, path, len(blocks), batch_size, dev)
+    if config.allocation is not None:
+        seconds["allocation"] = time.perf_counter() - t0
+    mask_pruned: dict[str, int] = {}
+    targets: dict[str, float] = {}
+    layer_info: dict[str, dict[str, Any]] = {}
+    perms: dict[str, torch.Tensor] = {}
+    inputs: BlockInputs | None = None
+    if calibrated:
         t0 = time.perf_counter()
         inputs = capture_inputs(model, blocks, calib_ids, batch_size, dev)
         seconds["capture"] = time.perf_counter() - t0
+    want_mean_var = config.refine in DSNOT_REFINES
+    want_hessian = is_updater(config.method)
     t_score = 0.0
     for i, block in enumerate(blocks):
         if progress:
@@ -201,23 +578,28 @@ def prune_model(
         home = next(block.parameters()).device
         block.to(dev)
         linears = prunable_linears(block)
-        norms: dict[str, torch.Tensor | None] = {name: None for name in linears}
+        stats: BlockStats | None = None
         if inputs is not None:
-            accs = {n: InputNormAccumulator(m.in_features, dev) for n, m in linears.items()}
-            hooks = [
-                m.register_forward_hook(lambda mod, inp, out, acc=accs[n]: acc.add(inp[0]))
-                for n, m in linears.items()
-            ]
+            stats = BlockStats(linears, dev, want_mean_var, want_hessian)
             try:
                 for c, hidden in enumerate(inputs.hidden):
                     run_block(block, hidden, inputs.args[i][c], inputs.kwargs[i][c])
+                    stats.end_chunk()
             finally:
-                for h in hooks:
-                    h.remove()
-            norms = {n: acc.norm() for n, acc in accs.items()}
+                stats.remove()
+        block_sparsity = ratios[i] if ratios is not None else None
         t0 = time.perf_counter()
         for name, module in linears.items():
-            mask_pruned[f"{path}.{i}.{name}"] = prune_linear_(module, config, norms[name], dev)
+            full = f"{path}.{i}.{name}"
+            layer_stats = stats.layer(name) if stats is not None else LayerStats()
+            ctx = LayerContext(full, name, block_sparsity, layer_stats)
+            mask_pruned[full] = prune_linear_(module, config, layer_stats.act_norm, dev, ctx)
+            if config.sparsity.pattern is None:
+                targets[full] = config.sparsity.sparsity if block_sparsity is None else block_sparsity
+            if ctx.info:
+                layer_info[full] = _jsonable(ctx.info)
+            if ctx.perm is not None:
+                perms[full] = ctx.perm.cpu()
         t_score += time.perf_counter() - t0
         if inputs is not None and i + 1 < len(blocks):
             inputs.hidden = [
@@ -229,29 +611,46 @@ def prune_model(
         progress(len(blocks), len(blocks), "done")
     seconds["score_and_mask"] = t_score
     seconds["total"] = time.perf_counter() - started
-    layers = [measure_sparsity(n, m.weight, config.sparsity.pattern) for n, m in named.items()]
-    report = PruneReport(config.as_dict(), path, layers, mask_pruned, {k: round(v, 3) for k, v in seconds.items()})
+    layers = [measure_layer(n, m.weight, config.sparsity.pattern, perms.get(n)) for n, m in named.items()]
+    report = PruneReport(
+        config.as_dict(), path, layers, mask_pruned, {k: round(v, 3) for k, v in seconds.items()},
+        targets, layer_info, ratios,
+    )
     verify_report(report, config)
     return report
 
 
-def expected_pruned(shape: tuple[int, int], config: PruneConfig) -> int | None:
-    """The exact number of weights the mask must prune, or None when ties make it open (threshold)."""
+def measure_layer(
+    name: str, weight: torch.Tensor, pattern: NMPattern | None, perm: torch.Tensor | None = None
+) -> LayerSparsity:
+    """Zeros of ``weight``; with a channel permutation, N:M validity of ``weight[:, perm]``."""
+    w = weight.detach()
+    return measure_sparsity(name, w[:, perm.to(w.device)] if perm is not None else w, pattern)
+
+
+def expected_pruned(shape: tuple[int, int], config: PruneConfig, sparsity: float | None = None) -> int | None:
+    """The exact number of weights the mask must prune, or None when ties make it open (threshold).
+
+    ``sparsity`` is the layer's own unstructured target (per-block allocation); default the config's.
+    """
     out_dim, in_dim = shape
     spec = config.sparsity
+    s = spec.sparsity if sparsity is None else sparsity
     if spec.pattern is not None:
         return out_dim * (in_dim // spec.pattern.m) * spec.pattern.n
+    if config.reconstructs:  # SparseGPT: int(s * out * width) per column block
+        return None if config.rule == "threshold" else expected_block_pruned(shape, s, config.resolved_params()["blocksize"])
     if config.resolved_group() == "row":
-        return out_dim * int(spec.sparsity * in_dim)
+        return out_dim * int(s * in_dim)
     if config.rule == "threshold":
         return None
-    return int(spec.sparsity * out_dim * in_dim)
+    return int(s * out_dim * in_dim)
 
 
 def verify_report(report: PruneReport, config: PruneConfig) -> None:
     """Check every layer's pruned count and N:M validity; a failure is a bug, never silently kept."""
     for layer in report.layers:
-        want = expected_pruned(layer.shape, config)
+        want = expected_pruned(layer.shape, config, report.targets.get(layer.name))
         got = report.mask_pruned[layer.name]
         if want is not None and got != want:
             raise RuntimeError(f"internal error: {layer.name} pruned {got} weights, expected exactly {want}")

@@ -111,6 +111,30 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="per-layer selection: exact counts (default) or the official <= threshold rule")
 
 
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE parsed as JSON when it can be (numbers, true/false, null), else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip().replace("-", "_"), value
+
+
+def _add_refine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("refinement and layer-wise allocation")
+    g.add_argument("--refine", choices=["cp", "lsa", "dsnot", "r2-dsnot"],
+                   help="cp/lsa: channel permutation (N:M only); dsnot/r2-dsnot: prune-and-grow from the method's mask")
+    g.add_argument("--refine-param", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="refinement parameter, repeatable (e.g. skip_layer=mlp, max_cycle_time=50, reweight=prune)")
+    g.add_argument("--allocation", choices=["owl", "alpha", "dlp"],
+                   help="non-uniform per-block sparsity whose mean is --sparsity (unstructured only)")
+    g.add_argument("--allocation-param", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="allocation parameter, repeatable (e.g. lambda=0.08, m=5)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="crepe", description="Post-training pruning of LLMs with CRePE and baselines.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -121,13 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune every linear layer of the decoder blocks, then save the model, "
                        "its tokenizer and crepe_manifest.json to --out.")
     _add_model_args(p)
-    p.add_argument("--method", required=True, help="magnitude, wanda, ria or crepe")
+    p.add_argument("--method", required=True, help="magnitude, wanda, ria, crepe or sparsegpt (see `crepe methods`)")
     p.add_argument("--sparsity", required=True, help="a fraction in [0, 1) such as 0.5, or N:M such as 2:4 or 4:8")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--blocks", help="dotted path of the decoder block list, when auto-detection fails")
     p.add_argument("--eval-split", choices=["test", "validation"], help="also measure perplexity before saving")
     _add_method_args(p)
+    _add_refine_args(p)
     _add_budget_args(p, calib=128, seqlen=2048, windows=None)
 
     p = sub.add_parser("eval", help="WikiText-2 perplexity or lm-eval zero-shot accuracy of a model or pruned folder",
@@ -421,9 +446,12 @@ def _method_params(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_prune(args: argparse.Namespace) -> int:
     from crepe.jobs import build_config, run_prune
 
-    config = build_config(args.method, args.sparsity, _method_params(args), args.group, args.rule)
+    config = build_config(args.method, args.sparsity, _method_params(args), args.group, args.rule,
+                          refine=args.refine, refine_params=dict(args.refine_param),
+                          allocation=args.allocation, allocation_params=dict(args.allocation_param))
     budget = _budget(args)
-    print(f"[crepe] pruning {args.model} with {args.method} at {config.sparsity.label} -> {args.out}")
+    extras = "".join(f" + {x}" for x in (config.refine, config.allocation) if x)
+    print(f"[crepe] pruning {args.model} with {args.method}{extras} at {config.sparsity.label} -> {args.out}")
     manifest = run_prune(args.model, config, args.out, budget, args.dtype, args.device, args.blocks,
                          args.overwrite, args.eval_split, _progress_factory(not args.no_progress))
     prune = manifest["prune"]
@@ -435,6 +463,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     per_layer = [layer["sparsity"] for layer in prune["layers"]]
     print(f"[crepe] {prune['n_linears']} linears pruned, overall sparsity {prune['overall_sparsity']:.4f} "
           f"(per layer {min(per_layer):.4f}..{max(per_layer):.4f}){nm}")
+    if prune.get("block_sparsity"):
+        ratios = prune["block_sparsity"]
+        print(f"[crepe] {config.allocation or 'per-block'} sparsity per block {min(ratios):.4f}..{max(ratios):.4f}")
+    if prune.get("refine_summary"):
+        print(f"[crepe] {config.refine}: {json.dumps(prune['refine_summary'])}")
+    if prune.get("damping_retries"):
+        layers = sorted({r["layer"] for r in prune["damping_retries"]})
+        print(f"[crepe] warning: SparseGPT retried the Cholesky factorisation with more damping on {len(layers)} "
+              f"layer(s) ({', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''}); see damping_retries in the manifest")
     if "evaluation" in manifest:
         ev = manifest["evaluation"]
         print(f"[crepe] {ev['split']} perplexity {ev['ppl']:.4f} ({ev['n_windows']} windows x {ev['seqlen']})")
@@ -557,12 +594,19 @@ Generated by `{cmd}` (`make table`) on {result['created_utc']}; raw numbers in `
 
 
 def cmd_methods(_args: argparse.Namespace) -> int:
-    from crepe.scoring import SCORERS
+    from crepe.methods import all_methods
+    from crepe.pruner import ALLOCATIONS
+    from crepe.refine import REFINE_DOCS, refine_defaults
 
-    for name, s in sorted(SCORERS.items()):
+    for name, s in all_methods().items():
         params = ", ".join(f"{k}={v}" for k, v in s.defaults.items()) or "-"
         calib = "needs calibration" if s.needs_activations else "no calibration"
         print(f"{name:10s} group={s.default_group:5s} {calib:17s} params: {params}\n           {s.doc}")
+    print("\nrefinements (--refine):")
+    for name, doc in REFINE_DOCS.items():
+        params = ", ".join(f"{k}={v}" for k, v in refine_defaults(name).items()) or "see crepe.permute"
+        print(f"{name:10s} {doc}\n           params: {params}")
+    print(f"\nallocations (--allocation, unstructured only): {', '.join(ALLOCATIONS)} (see crepe.allocation)")
     return 0
 
 

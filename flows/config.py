@@ -93,9 +93,26 @@ REFINE_METHODS: dict[str, StageMethod] = {
 ALLOCATION_METHODS: dict[str, StageMethod] = {
     "none": StageMethod("none", {}, "any", "the same sparsity for every layer"),
 }
-# Names that are planned (the extensions issue) and get a "not available yet" message instead of "unknown".
-PLANNED_REFINE = ("cp", "lsa", "dsnot", "r2-dsnot")
-PLANNED_ALLOCATION = ("owl", "alpha", "dlp")
+
+
+def _register_extensions() -> None:
+    """The extensions (issue 5), one registry entry each, with the library's own defaults."""
+    from crepe.allocation import ALLOCATOR_DEFAULTS
+    from crepe.permute import PERMUTE_DEFAULTS
+    from crepe.refine import REFINE_DOCS, refine_defaults
+
+    for name in ("cp", "lsa"):
+        REFINE_METHODS[name] = StageMethod(name, dict(PERMUTE_DEFAULTS[name]), "nm", REFINE_DOCS.get(name, ""))
+    for name in ("dsnot", "r2-dsnot"):
+        REFINE_METHODS[name] = StageMethod(name, refine_defaults(name), "any", REFINE_DOCS.get(name, ""))
+    for name, defaults in ALLOCATOR_DEFAULTS.items():
+        ALLOCATION_METHODS[name] = StageMethod(name, dict(defaults), "unstructured", f"{name} layer-wise sparsity")
+
+
+_register_extensions()
+# Names that are planned and get a "not available yet" message instead of "unknown" (none left).
+PLANNED_REFINE: tuple[str, ...] = ()
+PLANNED_ALLOCATION: tuple[str, ...] = ()
 
 
 def register_refine(method: StageMethod) -> StageMethod:
@@ -510,8 +527,15 @@ class PipelineConfig(_Section):
         """The :class:`crepe.pruner.PruneConfig` of ``prune`` (``params`` e.g. the PHO winner overlay)."""
         from crepe.jobs import build_config
 
-        return build_config(self.prune.method, self.prune.sparsity, {**self.prune.params, **dict(params or {})},
-                            self.prune.group, self.prune.rule)
+        refine, allocation = self.refine.method, self.allocation.method
+        return build_config(
+            self.prune.method, self.prune.sparsity, {**self.prune.params, **dict(params or {})},
+            self.prune.group, self.prune.rule,
+            refine=None if refine == "none" else refine,
+            refine_params=dict(self.refine.params) if refine != "none" else None,
+            allocation=None if allocation == "none" else allocation,
+            allocation_params=dict(self.allocation.params) if allocation != "none" else None,
+        )
 
     def budget(self, max_windows: Any = "eval") -> Any:
         """The :class:`crepe.jobs.Budget` of calibration and the final evaluation (``eval.ppl``);

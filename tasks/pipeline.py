@@ -353,10 +353,12 @@ def _prune_extra(cfg: Any, _p: Mapping[str, Any]) -> Any:
 
 
 @task(name="final-prune",
-      cache_key_fn=content_key(("prune", "allocation"), ("model_hash", "calib", "params"), _prune_extra), **_persisted())
+      cache_key_fn=content_key(("prune", "refine", "allocation"), ("model_hash", "calib", "params"), _prune_extra),
+      **_persisted())
 def final_prune(cfg: Any, model: dict[str, Any], model_hash: str, calib: dict[str, Any],
                 params: dict[str, Any]) -> dict[str, Any]:
-    """Prune the base model with ``prune`` (``params``: the PHO winner overlay, or {}), save the HF folder
+    """Prune the base model with ``prune`` (``params``: the PHO winner overlay, or {}; ``refine`` and
+    ``allocation`` are applied inside the sequential prune, see ``PipelineConfig.prune_config``), save the HF folder
     atomically under the work folder. Returns ``{"path", "sha256"`` (folder content hash), ``"prune"``
     (the resolved PruneConfig), ``"report"`` (sparsity, no timings)``}``."""
     from crepe.jobs import prune_loaded
@@ -367,7 +369,8 @@ def final_prune(cfg: Any, model: dict[str, Any], model_hash: str, calib: dict[st
     lm = _load(cfg, model["path"])
     report, _ = prune_loaded(lm, config, cfg.budget(), cfg.model.blocks, None, (_load_tokens(calib), calib["info"]))
     summary = {k: v for k, v in report.as_dict().items() if k not in ("seconds", "layers", "config")}
-    out = work_dir(cfg) / "pruned" / _digest(model_hash, calib["sha256"], cfg.section_hash("prune"), params)
+    out = work_dir(cfg) / "pruned" / _digest(model_hash, calib["sha256"], cfg.section_hash("prune"),
+                                             cfg.section_hash("refine"), cfg.section_hash("allocation"), params)
     with atomic_dir(out, overwrite=True) as tmp:
         lm.model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
@@ -376,20 +379,40 @@ def final_prune(cfg: Any, model: dict[str, Any], model_hash: str, calib: dict[st
     return _finished(started, result)
 
 
+def _refine_in_prune(cfg: Any, pruned: Mapping[str, Any]) -> dict[str, Any]:
+    """cp, lsa, dsnot, r2-dsnot run inside the sequential prune (per block, on that block's calibration
+    inputs: ``PipelineConfig.prune_config`` passes ``refine`` to :func:`crepe.pruner.prune_model`), so the
+    folder of :func:`final_prune` is already refined; this step records it."""
+    out = dict(pruned)
+    out["refined"] = {"method": cfg.refine.method, "where": "in the sequential prune, block by block"}
+    return out
+
+
 def _refine_none(cfg: Any, pruned: Mapping[str, Any]) -> dict[str, Any]:
     return dict(pruned)
 
 
-# refine.method -> fn(cfg, pruned) -> pruned-like dict (a new folder written atomically, or the same one).
-REFINERS: dict[str, Callable[[Any, Mapping[str, Any]], dict[str, Any]]] = {"none": _refine_none}
+def refiners() -> dict[str, Callable[[Any, Mapping[str, Any]], dict[str, Any]]]:
+    """``refine.method`` -> fn(cfg, pruned) -> pruned-like dict: ``none`` passes through; every method of
+    :data:`flows.config.REFINE_METHODS` that the pruner applies in-block is recorded; a post-hoc
+    refinement (a new folder written atomically) would register itself in :data:`REFINERS`."""
+    from flows.config import REFINE_METHODS
+
+    return {**{name: _refine_in_prune for name in REFINE_METHODS if name != "none"}, "none": _refine_none,
+            **REFINERS}
+
+
+# Post-hoc refinements (after the prune, on the saved folder): none yet; see :func:`refiners`.
+REFINERS: dict[str, Callable[[Any, Mapping[str, Any]], dict[str, Any]]] = {}
 
 
 @task(name="refine", cache_key_fn=content_key(("refine",), ("pruned",)), **_persisted())
 def refine(cfg: Any, pruned: dict[str, Any]) -> dict[str, Any]:
-    """The configured refinement (registry :data:`REFINERS`; only ``none``, a passthrough, for now)."""
-    if cfg.refine.method not in REFINERS:
-        raise CrepeError(f"refine.method {cfg.refine.method!r} is not available; allowed: {', '.join(REFINERS)}")
-    return REFINERS[cfg.refine.method](cfg, pruned)
+    """The configured refinement step (registry :func:`refiners`)."""
+    table = refiners()
+    if cfg.refine.method not in table:
+        raise CrepeError(f"refine.method {cfg.refine.method!r} is not available; allowed: {', '.join(table)}")
+    return table[cfg.refine.method](cfg, pruned)
 
 
 # --- 4. evaluate -------------------------------------------------------------------------------------------

@@ -267,7 +267,7 @@ def test_type_error_in_file_points_at_the_key(tmp_path):
         (["prune.method=ria"], "-S prune.method=ria: PHO searches CRePE's coefficients but prune.method is 'ria'; "
                                "set prune.method: crepe or pho.enabled: false"),
         (["prune.method=sparsegtp"], "-S prune.method=sparsegtp: unknown prune.method 'sparsegtp'; known methods: "
-                                     "crepe, magnitude, ria, wanda"),
+                                     "crepe, lp_ria, magnitude, ria, stoch_ria, sym_weight, wanda"),
         (["prune.params.alpha=-1"], "-S prune.params.alpha=-1: prune.params: alpha=-1.0 must be a finite number >= 0"),
         (["prune.params.kernel_size=4"], "-S prune.params.kernel_size=4: prune.params: kernel_size 4 is invalid; use "
                                          "an odd integer >= 3 (e.g. 9)"),
@@ -277,11 +277,14 @@ def test_type_error_in_file_points_at_the_key(tmp_path):
                                        "negative; coefficients must be >= 0"),
         (["pho.target=q proj"], "-S pho.target=q proj: pho.target = 'q proj' is not a dotted module name such as "
                                 "self_attn.q_proj"),
-        (["refine.method=dsnot"], "-S refine.method=dsnot: refine.method 'dsnot' is not available yet (it arrives "
-                                  "with the extensions); allowed now: none"),
-        (["refine.method=foo"], "-S refine.method=foo: unknown refine.method 'foo'; allowed: none"),
-        (["allocation.method=owl"], "-S allocation.method=owl: allocation.method 'owl' is not available yet (it "
-                                    "arrives with the extensions); allowed now: none"),
+        (["refine.method=foo"], "-S refine.method=foo: unknown refine.method 'foo'; allowed: none, cp, lsa, dsnot, "
+                                "r2-dsnot"),
+        (["refine.method=dsnot", "refine.params.skip=mlp"], "-S refine.params.skip=mlp: unknown key "
+                                                             "'refine.params.skip': refine method 'dsnot' has parameters: "
+                                                             "max_cycle_time, update_threshold, pow_of_var_regrowing, "
+                                                             "same_sign, monotone, skip_layer, order"),
+        (["allocation.method=owls", "prune.sparsity=0.5"], "-S allocation.method=owls: unknown allocation.method "
+                                                           "'owls'; allowed: none, owl, alpha, dlp (did you mean 'owl'?)"),
         (["refine.params.x=1"], "-S refine.params.x=1: unknown key 'refine.params.x': refine method 'none' has "
                                 "parameters: none"),
         (["eval.zero_shot.tasks=[boolq, piqa]"], "-S eval.zero_shot.tasks=[boolq, piqa]: unknown zero-shot task "
@@ -322,11 +325,19 @@ def test_combination_error_in_file_points_at_the_key(tmp_path):
 
 @pytest.fixture
 def owl_registered():
+    saved = ALLOCATION_METHODS.get("owl"), REFINE_METHODS.get("cp")
     register_allocation(StageMethod("owl", {"lmbda": 0.08, "m": 5}, "unstructured"))
     register_refine(StageMethod("cp", {}, "nm"))
     yield
-    ALLOCATION_METHODS.pop("owl")
-    REFINE_METHODS.pop("cp")
+    ALLOCATION_METHODS["owl"], REFINE_METHODS["cp"] = saved
+
+
+def test_the_extensions_are_registered_with_the_library_defaults():
+    cfg = load_config(PARAMS, ["prune.sparsity=0.7", "allocation.method=owl", "refine.method=dsnot"])
+    assert cfg.allocation.params == {"m": 5.0, "lam": 0.08} and cfg.refine.params["skip_layer"] == "mlp"
+    config = cfg.prune_config()
+    assert (config.refine, config.allocation) == ("dsnot", "owl")
+    assert load_config(PARAMS, ["refine.method=lsa"]).prune_config().refine == "lsa"
 
 
 def test_a_registered_stage_method_is_one_entry_and_its_pattern_rules_apply(owl_registered, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -216,9 +217,9 @@ def _spy_norms(monkeypatch: pytest.MonkeyPatch, model: nn.Module) -> dict[str, t
     seen: dict[str, torch.Tensor] = {}
     real = pruner.prune_linear_
 
-    def spy(module, config, act_norm, device):
+    def spy(module, config, act_norm, device, ctx=None):
         seen[names[id(module)]] = act_norm.clone()
-        return real(module, config, act_norm, device)
+        return real(module, config, act_norm, device, ctx)
 
     monkeypatch.setattr(pruner, "prune_linear_", spy)
     return seen
@@ -401,3 +402,367 @@ def test_flat_calibration_stream_raises_crepe_error(calib_ids: torch.Tensor) -> 
     model = build("llama")
     with pytest.raises(CrepeError):
         prune_model(model, calib_ids.reshape(-1), _config("wanda", "0.5"))
+
+
+# --- extensions: SparseGPT, DSnoT / R²-DSnoT, channel permutation, per-block sparsity ------------------
+
+EXT_METHODS = ("magnitude", "wanda", "ria", "crepe", "sparsegpt")
+EXT_REFINES = (None, "dsnot", "r2-dsnot")
+
+
+def _ext_config(method: str, sparsity: str, refine: str | None = None, **kwargs) -> PruneConfig:
+    return PruneConfig(method, parse_sparsity(sparsity), params=dict(PARAMS.get(method, {})), refine=refine, **kwargs)
+
+
+@pytest.mark.parametrize("sparsity", ["0.5", "2:4"])
+@pytest.mark.parametrize("refine", EXT_REFINES)
+@pytest.mark.parametrize("method", EXT_METHODS)
+def test_composition_matrix_runs_and_verifies(method: str, refine: str | None, sparsity: str, calib_ids: torch.Tensor) -> None:
+    """{magnitude, wanda, ria, crepe, sparsegpt} x {none, dsnot, r2-dsnot} x {50%, 2:4} on a tiny model."""
+    model = build("llama")
+    original = copy.deepcopy(model)
+    extra = {"refine_params": {"skip_layer": "no_skip"}} if refine else {}  # refine every linear here
+    config = _ext_config(method, sparsity, refine, **extra)
+    report = prune_model(model, calib_ids, config, batch_size=4)  # verify_report runs inside
+    pattern = parse_sparsity(sparsity).pattern
+    linears, originals = _linears(model), _linears(original)
+    reconstructs = method == "sparsegpt" and refine is None
+    moved = 0
+    for layer in report.layers:
+        w, w0 = linears[layer.name].weight, originals[layer.name].weight
+        want = pruner.expected_pruned(layer.shape, config)
+        assert want is not None and report.mask_pruned[layer.name] == want, layer.name
+        assert layer.n_zeros >= want
+        if pattern is not None:
+            assert bool(((w.reshape(w.shape[0], -1, pattern.m) == 0).sum(-1) >= pattern.n).all()), layer.name
+        kept = w != 0
+        if reconstructs:
+            moved += int((w[kept] != w0[kept]).sum())
+        else:  # masks only: kept weights are the original values
+            assert torch.equal(w[kept], w0[kept]), layer.name
+        info = report.layer_info.get(layer.name, {})
+        if refine is not None:
+            assert info["dsnot"]["rows"] == w.shape[0] and not info["dsnot"].get("skipped")
+        if method == "sparsegpt":
+            assert info["sparsegpt"]["damping_retries"] == [] and info["sparsegpt"]["percdamp"] == 0.01
+    if reconstructs:
+        assert moved > 0, "SparseGPT did not update any kept weight"
+    if refine is not None:
+        summary = report.refine_summary()
+        assert summary["dsnot_layers"] == 14 and summary["dsnot_swaps"] > 0
+    assert report.nm_valid is (True if pattern is not None else None)
+    assert report.sparsity >= 0.5
+    _assert_state_equal(model, original, skip={f"{n}.weight" for n in linears})
+    dumped = json.loads(json.dumps(report.as_dict()))
+    assert dumped["config"]["refine"] == refine and dumped["config"]["method"] == method
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=calib_ids[:2]).logits).all()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_sparsegpt_block_counts_at_uneven_sparsity(arch: str, calib_ids: torch.Tensor) -> None:
+    """At 0.3 the count is the sum over 128-column blocks of int(0.3 * out * width); rows differ."""
+    model = build(arch)
+    config = _ext_config("sparsegpt", "0.3")
+    report = prune_model(model, calib_ids, config)
+    for name, module in _linears(model).items():
+        out, inp = module.weight.shape
+        want = sum(int(out * min(128, inp - s) * 0.3) for s in range(0, inp, 128))
+        assert report.mask_pruned[name] == want, name
+    assert report.config["group"] == "block128"
+    assert any(len(set((m.weight == 0).sum(dim=1).tolist())) > 1 for m in _linears(model).values())
+
+
+def _block_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every block linear's input (tokens, in) in one ordinary forward, float64."""
+    xs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in _linears(model).items():
+
+        def hook(mod, inp, out, name=name):
+            xs[name] = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return xs
+
+
+def test_sparsegpt_hessians_from_dense_block_and_pruned_prefix(calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build("llama")
+    dense = copy.deepcopy(model)
+    seen: dict[str, torch.Tensor] = {}
+    real = pruner.sparsegpt_prune
+
+    def spy(*args, **kwargs):
+        seen[args[9]] = args[1].clone()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pruner, "sparsegpt_prune", spy)
+    prune_model(model, calib_ids, _ext_config("sparsegpt", "0.5"), batch_size=4)
+    assert len(seen) == 14
+    n = calib_ids.shape[0]
+    dense_x = _block_inputs(dense, calib_ids)
+    hybrid = copy.deepcopy(dense)
+    hybrid.model.layers[0].load_state_dict(model.model.layers[0].state_dict())
+    hybrid_x = _block_inputs(hybrid, calib_ids)
+    for name, h in seen.items():
+        xs = dense_x if name.startswith(f"{PATH}.0.") else hybrid_x
+        expected = (2.0 / n) * xs[name].T @ xs[name]
+        torch.testing.assert_close(h.double(), expected, rtol=1e-4, atol=1e-4, msg=lambda m, k=name: f"{k}: {m}")
+    # q/k/v share one input and therefore one Hessian
+    assert torch.equal(seen[f"{PATH}.0.self_attn.q_proj"], seen[f"{PATH}.0.self_attn.v_proj"])
+
+
+def test_sparsegpt_damping_retry_is_recorded_in_report(calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An indefinite Hessian on one layer: Cholesky fails at percdamp 0.01, succeeds at 0.1, and the
+    retry is in the report (and so in the manifest), never silent."""
+    from test_sparsegpt import indefinite_hessian
+
+    target = f"{PATH}.0.self_attn.q_proj"
+    real = pruner.BlockStats.layer
+
+    done: list[str] = []
+
+    def poisoned(self, name):  # block 0's q_proj only
+        stats = real(self, name)
+        if name == "self_attn.q_proj" and not done:
+            done.append(name)
+            stats.hessian = indefinite_hessian(stats.hessian.shape[0], seed=3)
+        return stats
+
+    monkeypatch.setattr(pruner.BlockStats, "layer", poisoned)
+    model = build("llama")
+    report = prune_model(model, calib_ids, _ext_config("sparsegpt", "0.5"))
+    assert [(r["layer"], r["percdamp"]) for r in report.damping_retries] == [(target, 0.01)]
+    assert report.layer_info[target]["sparsegpt"]["percdamp"] == pytest.approx(0.1)
+    dumped = report.as_dict()
+    assert dumped["damping_retries"][0]["layer"] == target
+    layer = next(row for row in dumped["layers"] if row["name"] == target)
+    assert layer["info"]["sparsegpt"]["damping_retries"][0]["percdamp"] == 0.01
+
+
+def test_dsnot_statistics_come_from_dense_block(calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DSnoT's mu' = sum_t x / n_seq and token-weighted per-sequence variance, from the dense block."""
+    model = build("mistral")
+    dense = copy.deepcopy(model)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # by in-block name: the last block wins
+    real = pruner.refine_layer
+
+    def spy(refine, params, local, weight, keep, score_, act, mean_prime, var, pattern):
+        seen[local] = (mean_prime.clone(), var.clone())
+        return real(refine, params, local, weight, keep, score_, act, mean_prime, var, pattern)
+
+    monkeypatch.setattr(pruner, "refine_layer", spy)
+    # block 0 at 0 % changes nothing, so block 1's inputs are the dense model's: seen ends with block 1
+    prune_model(model, calib_ids, _ext_config("wanda", "0.5", "dsnot", block_sparsity=(0.0, 0.5)), batch_size=4)
+    xs = _block_inputs(dense, calib_ids)
+    n, t = calib_ids.shape
+    assert len(seen) == 7
+    for local, (mean_prime, var) in seen.items():
+        x = xs[f"{PATH}.1.{local}"].reshape(n, t, -1)
+        torch.testing.assert_close(mean_prime.double(), x.sum(dim=(0, 1)) / n, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(var.double(), x.var(dim=1, unbiased=False).mean(0), rtol=1e-4, atol=1e-4)
+
+
+def test_dsnot_skip_layer_mlp_keeps_initial_mlp_masks(calib_ids: torch.Tensor) -> None:
+    plain, refined = build("llama"), build("llama")
+    prune_model(plain, calib_ids, _ext_config("ria", "0.5"))
+    report = prune_model(refined, calib_ids, _ext_config("ria", "0.5", "dsnot", refine_params={"skip_layer": "mlp"}))
+    a, b = _keep_masks(plain), _keep_masks(refined)
+    for name in (f"{PATH}.0.mlp.gate_proj", f"{PATH}.0.mlp.up_proj", f"{PATH}.0.mlp.down_proj"):
+        assert torch.equal(a[name], b[name]), name
+        assert report.layer_info[name]["dsnot"]["skipped"] is True
+    assert not torch.equal(a[f"{PATH}.0.self_attn.q_proj"], b[f"{PATH}.0.self_attn.q_proj"])
+    assert report.refine_summary()["dsnot_layers_skipped"] == 6
+    assert report.config["refine_params"]["skip_layer"] == "mlp"
+
+
+@pytest.mark.parametrize(("method", "refine"), [("wanda", None), ("ria", None), ("magnitude", None),
+                                                ("sparsegpt", None), ("wanda", "dsnot"), ("crepe", "r2-dsnot")])
+def test_per_block_sparsity_list(method: str, refine: str | None, calib_ids: torch.Tensor) -> None:
+    """A hand-made per-block list: block i is pruned at its own ratio and verified against it."""
+    model = build("gemma3")  # 3 blocks
+    ratios = (0.2, 0.7, 0.45)
+    config = _ext_config(method, "0.45", refine, block_sparsity=ratios)
+    report = prune_model(model, calib_ids, config)
+    assert report.block_sparsity == list(ratios)
+    assert report.config["block_sparsity"] == list(ratios)
+    for name, module in _linears(model).items():
+        block = int(name.split(".")[2])
+        assert report.targets[name] == ratios[block]
+        want = pruner.expected_pruned(tuple(module.weight.shape), config, ratios[block])
+        assert report.mask_pruned[name] == want, name
+    uniform = pruner.expected_pruned((64, 64), config)
+    assert uniform != pruner.expected_pruned((64, 64), config, 0.7)
+    row = report.as_dict()["layers"][0]
+    assert row["target_sparsity"] == 0.2
+
+
+def test_allocation_uses_the_allocators_ratios(calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """crepe.allocation.block_ratios is called before pruning with the documented arguments."""
+    import sys
+
+    allocation = pytest.importorskip("crepe.allocation")
+    calls = []
+
+    def block_ratios(model, calib_ids, method, target, *, blocks_path, batch_size, device, **params):
+        calls.append((method, target, blocks_path, batch_size, str(device), params, calib_ids.shape))
+        return [0.6, 0.8]
+
+    monkeypatch.setattr(allocation, "block_ratios", block_ratios)
+    model = build("llama")
+    config = _ext_config("wanda", "0.7", allocation="owl", allocation_params={"lam": 0.1, "m": 5})
+    report = prune_model(model, calib_ids, config, batch_size=3)
+    assert calls == [("owl", 0.7, PATH, 3, "cpu", {"lam": 0.1, "m": 5}, calib_ids.shape)]
+    assert report.block_sparsity == [0.6, 0.8] and "allocation" in report.seconds
+    assert report.config["allocation"] == "owl" and report.config["allocation_params"] == {"lam": 0.1, "m": 5.0}
+    for name, module in _linears(model).items():
+        ratio = 0.6 if f"{PATH}.0." in name else 0.8
+        assert report.mask_pruned[name] == module.weight.shape[0] * int(ratio * module.weight.shape[1])
+
+    monkeypatch.setattr(allocation, "block_ratios", lambda *a, **k: [0.5])  # wrong length: internal error
+    fresh = build("llama")
+    original = copy.deepcopy(fresh)
+    with pytest.raises(RuntimeError, match="returned 1 ratios for 2 blocks"):
+        prune_model(fresh, calib_ids, config)
+    _assert_state_equal(fresh, original)
+    monkeypatch.setitem(sys.modules, "crepe.allocation", None)  # not installed
+    with pytest.raises(CrepeError, match="needs crepe.allocation"):
+        prune_model(fresh, calib_ids, config)
+
+
+@pytest.mark.parametrize(("allocation", "method"), [("owl", "wanda"), ("alpha", "ria"), ("dlp", "crepe"),
+                                                    ("owl", "sparsegpt"), ("dlp", "wanda")])
+def test_real_allocators_compose(allocation: str, method: str, calib_ids: torch.Tensor) -> None:
+    allocation_mod = pytest.importorskip("crepe.allocation")
+    model = build("gemma3")
+    refine = "dsnot" if (allocation, method) == ("dlp", "wanda") else None
+    report = prune_model(model, calib_ids, _ext_config(method, "0.6", refine, allocation=allocation))
+    ratios = report.block_sparsity
+    assert len(ratios) == 3 and len(set(ratios)) > 1
+    if allocation_mod.RATIO_MEAN[allocation] == "simple":
+        assert sum(ratios) / 3 == pytest.approx(0.6)
+    assert report.config["allocation_params"] == allocation_mod.ALLOCATOR_DEFAULTS[allocation]
+
+
+def _fake_permute_module(calls: list) -> object:
+    """A stand-in for crepe.permute: a fixed channel permutation, the N:M mask in permuted order."""
+    import types
+
+    def permuted_mask(scores, pattern, method, **params):
+        calls.append((method, params))
+        cols = scores.shape[1]
+        perm = torch.arange(cols).reshape(-1, 2).flip(1).reshape(-1).roll(1)  # not group-preserving
+        keep_perm = select_mask_nm(scores[:, perm], pattern)
+        keep = torch.empty_like(keep_perm)
+        keep[:, perm] = keep_perm
+        return keep, {"permutation": perm.tolist(), "score_before": 1.0, "score_after": 1.5}
+
+    mod = types.ModuleType("crepe.permute")
+    mod.permuted_mask = permuted_mask
+    return mod
+
+
+def select_mask_nm(scores: torch.Tensor, pattern) -> torch.Tensor:
+    from crepe.masks import select_mask
+
+    return select_mask(scores, pattern=pattern)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_channel_permutation_integration_with_stand_in(method: str, calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Masks are N:M after the permutation (checked under it), recorded gains, SparseGPT permuted."""
+    import sys
+
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "crepe.permute", _fake_permute_module(calls))
+    model = build("llama")
+    config = _ext_config(method, "2:4", "cp")
+    report = prune_model(model, calib_ids, config)
+    assert len(calls) == 14 and calls[0] == ("cp", {})
+    assert report.nm_valid is True
+    cols = 64
+    perm = torch.arange(cols).reshape(-1, 2).flip(1).reshape(-1).roll(1)
+    w = _linears(model)[f"{PATH}.0.self_attn.q_proj"].weight
+    assert bool(((w[:, perm].reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
+    assert not bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all())  # not N:M in original order
+    info = report.layer_info[f"{PATH}.0.self_attn.q_proj"]["permutation"]
+    assert info == {"score_before": 1.0, "score_after": 1.5}
+    assert report.refine_summary()["permuted_layers"] == 14
+
+
+def test_channel_permutation_without_module_fails_early(calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "crepe.permute", None)
+    model = build("llama")
+    original = copy.deepcopy(model)
+    with pytest.raises(CrepeError, match="needs crepe.permute"):
+        prune_model(model, calib_ids, _ext_config("wanda", "2:4", "lsa"))
+    _assert_state_equal(model, original)
+
+
+@pytest.mark.parametrize("refine", ["cp", "lsa"])
+@pytest.mark.parametrize("method", EXT_METHODS)
+def test_channel_permutation_with_real_module(method: str, refine: str, calib_ids: torch.Tensor) -> None:
+    pytest.importorskip("crepe.permute")
+    model = build("llama")
+    report = prune_model(model, calib_ids, _ext_config(method, "2:4", refine))
+    assert report.nm_valid is True and report.sparsity >= 0.5
+    info = report.layer_info[f"{PATH}.0.mlp.down_proj"]["permutation"]
+    assert info["method"] == refine and "permutation" not in info
+    if method != "sparsegpt":  # SparseGPT uses only the permutation; its mask comes from the OBS loop
+        assert report.refine_summary()["permuted_layers"] == 14
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "calib", "message"),
+    [
+        ({"method": "wanda", "sparsity": "2:4", "allocation": "owl"}, True, "cannot be combined with the N:M pattern 2:4"),
+        ({"method": "ria", "sparsity": "0.5", "refine": "cp"}, True, "only applies to N:M patterns"),
+        ({"method": "ria", "sparsity": "0.5", "refine": "lsa"}, True, "only applies to N:M patterns"),
+        ({"method": "magnitude", "sparsity": "0.5", "refine": "dsnot"}, False, "refine 'dsnot' needs calibration data"),
+        ({"method": "magnitude", "sparsity": "2:4", "refine": "r2-dsnot"}, False, "refine 'r2-dsnot' needs calibration"),
+        ({"method": "sparsegpt", "sparsity": "0.5"}, False, "method 'sparsegpt' needs calibration data"),
+        ({"method": "magnitude", "sparsity": "0.5", "allocation": "owl"}, False, "allocation 'owl' needs calibration"),
+        ({"method": "wanda", "sparsity": "0.5", "refine": "dsnotx"}, True, "unknown refinement 'dsnotx'"),
+        ({"method": "wanda", "sparsity": "0.5", "allocation": "uniformish"}, True, "unknown allocation 'uniformish'"),
+        ({"method": "sparsegpt", "sparsity": "0.5", "group": "row"}, True, "does not apply to method 'sparsegpt'"),
+        ({"method": "sparsegpt", "sparsity": "0.5", "params": {"blocksize": 0}}, True, "blocksize=0"),
+        ({"method": "sparsegpt", "sparsity": "4:8", "params": {"blocksize": 12}}, True, "not a multiple of M=8"),
+        ({"method": "wanda", "sparsity": "0.5", "refine": "dsnot", "refine_params": {"nope": 1}}, True, "no parameter 'nope'"),
+        ({"method": "wanda", "sparsity": "0.5", "block_sparsity": (0.5,)}, True, "1 per-block sparsities"),
+        ({"method": "wanda", "sparsity": "0.5", "block_sparsity": (0.5, 1.2)}, True, "outside [0, 1)"),
+        ({"method": "wanda", "sparsity": "2:4", "block_sparsity": (0.5, 0.5)}, True, "N:M pattern 2:4"),
+        ({"method": "wanda", "sparsity": "0.5", "block_sparsity": (0.5, 0.5), "allocation": "dlp"}, True, "not both"),
+        ({"method": "wanda", "sparsity": "0.5", "allocation_params": {"m": 5}}, True, "no allocation"),
+        ({"method": "wanda", "sparsity": "0.5", "allocation": "owl", "allocation_params": {"q": 5}}, True, "no parameter 'q'"),
+    ],
+)
+def test_bad_combinations_fail_before_any_change(kwargs: dict, calib: bool, message: str, calib_ids: torch.Tensor) -> None:
+    kwargs = dict(kwargs)
+    method, sparsity = kwargs.pop("method"), parse_sparsity(kwargs.pop("sparsity"))
+    model = build("llama")
+    original = copy.deepcopy(model)
+    with pytest.raises(CrepeError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        prune_model(model, calib_ids if calib else None, PruneConfig(method, sparsity, **kwargs))
+    _assert_state_equal(model, original)
+
+
+def test_config_as_dict_records_extension_fields() -> None:
+    config = PruneConfig("sparsegpt", parse_sparsity("0.6"), refine="r2-dsnot", refine_params={"reweight": "prune"},
+                         block_sparsity=(0.5, 0.7))
+    d = config.as_dict()
+    assert d["params"] == {"blocksize": 128, "percdamp": 0.01, "max_damp_retries": 3}
+    assert d["refine"] == "r2-dsnot" and d["refine_params"]["reweight"] == "prune"
+    assert d["refine_params"]["max_cycle_time"] == 50 and d["group"] == "row"
+    assert d["block_sparsity"] == [0.5, 0.7] and d["allocation"] is None and d["allocation_params"] == {}
+    assert PruneConfig("sparsegpt", parse_sparsity("0.5")).as_dict()["group"] == "block128"
+    assert PruneConfig("sparsegpt", parse_sparsity("2:4")).needs_calibration
+    assert PruneConfig("magnitude", parse_sparsity("0.5"), refine="dsnot").needs_calibration
+    assert not PruneConfig("magnitude", parse_sparsity("0.5"), allocation="alpha").needs_calibration
