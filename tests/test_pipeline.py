@@ -317,3 +317,14 @@ def test_prefect_yaml_deploys_the_pipeline_flow() -> None:
     assert flow.name == "crepe-pipeline"
     assert set(deployment["parameters"]) <= set(flow.parameters.properties)
     assert check_cron(deployment["schedules"][0]["cron"]) == "0 3 * * 1"
+
+
+def test_refinement_runs_in_the_prune_and_is_recorded(project: Path, tmp_path: Path) -> None:
+    log = tmp_path / "computed.txt"
+    plain = run_flow(project, "pho.enabled=false")
+    log.unlink()
+    refined = run_flow(project, "pho.enabled=false", "refine.method=dsnot")
+    assert "final-prune" in computed(log)  # refine changes the pruned weights: a miss
+    assert refined["pruned"]["refined"]["method"] == "dsnot"
+    assert refined["pruned"]["sha256"] != plain["pruned"]["sha256"]
+    assert refined["pruned"]["prune"]["refine"] == "dsnot"
