@@ -328,3 +328,20 @@ def test_refinement_runs_in_the_prune_and_is_recorded(project: Path, tmp_path: P
     assert refined["pruned"]["refined"]["method"] == "dsnot"
     assert refined["pruned"]["sha256"] != plain["pruned"]["sha256"]
     assert refined["pruned"]["prune"]["refine"] == "dsnot"
+
+
+def test_schedule_serves_the_pipeline_with_the_cron(tmp_path: Path, tiny_model: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows import pipeline as flows_pipeline
+    from flows.cli import main
+
+    proj = make_project(tmp_path / "p", tiny_model)
+    for key in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH", "PREFECT_SERVER_ANALYTICS_ENABLED",
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_RESULTS_PERSIST_BY_DEFAULT"):
+        monkeypatch.delenv(key, raising=False)  # whatever prefect_env sets is undone after the test
+    served = {}
+    monkeypatch.setattr(flows_pipeline.pipeline, "serve", lambda **kw: served.update(kw))
+    monkeypatch.chdir(proj)
+    assert main(["schedule", "--cron", "0 3 * * 1", "-S", "prune.sparsity=4:8"]) == 0
+    assert served["cron"] == "0 3 * * 1"
+    assert served["parameters"] == {"params": str(proj / "params.yaml"), "overrides": ["prune.sparsity=4:8"]}
