@@ -165,6 +165,9 @@ import tasks.pipeline as tp
 kill_at = int(os.environ.get("CREPE_KILL_AT_CANDIDATE", "0"))
 if kill_at:
     tp.evaluate_candidate = sigkill_on_call(tp.evaluate_candidate, kill_at)
+if os.environ.get("CREPE_KILL_IN_PRUNE"):
+    import crepe.jobs
+    crepe.jobs.prune_loaded = sigkill_on_call(crepe.jobs.prune_loaded, 1)
 if __name__ == "__main__":  # Dask's spawned workers import this file again
     from flows.cli import main
     raise SystemExit(main(sys.argv[1:]))
@@ -177,7 +180,7 @@ def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def crepe_cli(project: Path, prefect_home: Path, *args: str, kill_at: int = 0, log: Path | None = None,
-              timeout: float = 240) -> subprocess.CompletedProcess:
+              timeout: float = 240, kill_in_prune: bool = False) -> subprocess.CompletedProcess:
     launcher = project.parent / "launch.py"
     launcher.write_text(LAUNCHER.format(root=str(ROOT), tests=str(ROOT / "tests")))
     env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_LOCAL_STORAGE_PATH": str(project / "storage"),
@@ -185,6 +188,8 @@ def crepe_cli(project: Path, prefect_home: Path, *args: str, kill_at: int = 0, l
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90", "CREPE_KILL_AT_CANDIDATE": str(kill_at),
            "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(ROOT)}
     env.pop("CREPE_WORK_DIR", None)
+    if kill_in_prune:
+        env["CREPE_KILL_IN_PRUNE"] = "1"
     if log is not None:
         env["CREPE_TASK_LOG"] = str(log)
     out, err = project.parent / "stdout.txt", project.parent / "stderr.txt"
@@ -223,6 +228,23 @@ def test_kill_during_verification_then_resume(tmp_path: Path, tiny_model: Path, 
     assert got.count("verify-candidate") == 2  # the finished candidate was reused
     for name in ("calibration-windows", "pho-screen", "verify-candidate[0]"):
         assert f"[crepe] reused cached {name}" in resumed.stdout
+    assert release_hashes(proj) == release_hashes(clean)
+
+
+@pytest.mark.slow  # three pipeline processes, ~35 s
+def test_kill_during_final_prune_then_resume(tmp_path: Path, tiny_model: Path, prefect_home: Path) -> None:
+    clean = make_project(tmp_path / "clean", tiny_model)
+    assert crepe_cli(clean, prefect_home, "pipeline", "-S", "pho.enabled=false").returncode == 0
+    proj = make_project(tmp_path / "crashed", tiny_model)
+    log = tmp_path / "computed.txt"
+    killed = crepe_cli(proj, prefect_home, "pipeline", "-S", "pho.enabled=false", kill_in_prune=True, log=log)
+    assert killed.returncode == -9 and computed(log) == ["calibration-windows", "final-prune"]
+    assert not any((proj / ".crepe" / "work" / "pruned").glob("*/model.safetensors"))  # nothing half-written
+    log.unlink()
+    resumed = crepe_cli(proj, prefect_home, "pipeline", "-S", "pho.enabled=false", log=log)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "calibration-windows" not in computed(log) and "final-prune" in computed(log)
+    assert "[crepe] reused cached calibration-windows" in resumed.stdout
     assert release_hashes(proj) == release_hashes(clean)
 
 
