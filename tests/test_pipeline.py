@@ -7,6 +7,7 @@ own project folder (params.yaml, work folder, result storage, release); the in-p
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -367,3 +368,17 @@ def test_schedule_serves_the_pipeline_with_the_cron(tmp_path: Path, tiny_model: 
     assert main(["schedule", "--cron", "0 3 * * 1", "-S", "prune.sparsity=4:8"]) == 0
     assert served["cron"] == "0 3 * * 1"
     assert served["parameters"] == {"params": str(proj / "params.yaml"), "overrides": ["prune.sparsity=4:8"]}
+
+
+def test_search_and_evaluate_flows(project: Path, tmp_path: Path) -> None:
+    from flows.pipeline import evaluate_flow, search
+
+    summary = search(str(project / "params.yaml"), [])
+    assert summary["n_trials"] == 4 and summary["n_verified"] == 3
+    assert json.loads(Path(summary["path"]).read_text())["winner"] == summary["winner"]
+    dense = evaluate_flow(str(project / "params.yaml"), [])
+    assert dense["ppl"]["ppl"] > 1 and dense["ppl"]["split"] == "test"
+    from crepe.errors import CrepeError
+
+    with pytest.raises(CrepeError, match="pho.enabled"):
+        search(str(project / "params.yaml"), ["pho.enabled=false"])
