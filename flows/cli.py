@@ -731,12 +731,15 @@ def _flow_setup(args: argparse.Namespace) -> Any:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = _flow_setup(args)
-    if args.refresh:
-        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+    from contextlib import nullcontext
+
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
     from flows.pipeline import pipeline, task_runner
 
     flow = pipeline.with_options(task_runner=task_runner(cfg))
-    flow(args.params, list(args.overrides))
+    with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}) if args.refresh else nullcontext():
+        flow(args.params, list(args.overrides))
     return 0
 
 

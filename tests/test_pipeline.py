@@ -382,3 +382,19 @@ def test_search_and_evaluate_flows(project: Path, tmp_path: Path) -> None:
 
     with pytest.raises(CrepeError, match="pho.enabled"):
         search(str(project / "params.yaml"), ["pho.enabled=false"])
+
+
+def test_cli_refresh_recomputes_cached_tasks(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.cli import main
+
+    log = tmp_path / "computed.txt"
+    run_flow(project, "pho.enabled=false")
+    log.unlink()
+    for key in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH", "PREFECT_SERVER_ANALYTICS_ENABLED",
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_RESULTS_PERSIST_BY_DEFAULT"):
+        monkeypatch.delenv(key, raising=False)  # whatever prefect_env sets is undone after the test
+    args = ["pipeline", "--params", str(project / "params.yaml"), "-S", "pho.enabled=false"]
+    assert main(args) == 0
+    assert computed(log) == []
+    assert main([*args, "--refresh"]) == 0
+    assert {"calibration-windows", "final-prune", "evaluate", "release"} <= set(computed(log))
