@@ -775,10 +775,37 @@ def check_cron(expr: str) -> str:
     return expr
 
 
+def check_prefect_api(url: str | None, timeout: float = 3.0) -> str:
+    """A schedule needs a Prefect server with its scheduler (the temporary server has none): ``url`` must
+    be set and accept TCP connections; otherwise a CrepeError in one sentence."""
+    import socket
+    from urllib.parse import urlparse
+
+    from crepe.errors import CrepeError
+
+    if not url:
+        raise CrepeError("crepe schedule needs a running Prefect server (the temporary one does not run schedules): "
+                         "start one with `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            pass
+    except (OSError, TypeError) as exc:
+        raise CrepeError(f"the Prefect server PREFECT_API_URL={url!r} is unreachable ({exc.__class__.__name__}); "
+                         "start it with `prefect server start` or fix the URL") from None
+    return url
+
+
 def cmd_schedule(args: argparse.Namespace) -> int:
     check_cron(args.cron)
     _flow_setup(args)
+    from prefect.settings import get_current_settings
+
     from flows.pipeline import pipeline
+
+    api = get_current_settings().api.url
+    check_prefect_api(str(api) if api else None)
 
     print(f"[crepe] serving the pipeline on cron {args.cron!r} (Ctrl-C stops)", flush=True)
     pipeline.serve(name=args.name, cron=args.cron,

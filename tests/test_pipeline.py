@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -365,9 +366,29 @@ def test_schedule_serves_the_pipeline_with_the_cron(tmp_path: Path, tiny_model: 
     served = {}
     monkeypatch.setattr(flows_pipeline.pipeline, "serve", lambda **kw: served.update(kw))
     monkeypatch.chdir(proj)
-    assert main(["schedule", "--cron", "0 3 * * 1", "-S", "prune.sparsity=4:8"]) == 0
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api"
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            assert main(["schedule", "--cron", "0 3 * * 1", "-S", "prune.sparsity=4:8"]) == 0
+    finally:
+        listener.close()
     assert served["cron"] == "0 3 * * 1"
     assert served["parameters"] == {"params": str(proj / "params.yaml"), "overrides": ["prune.sparsity=4:8"]}
+
+
+def test_schedule_needs_a_reachable_prefect_server() -> None:
+    from crepe.errors import CrepeError
+    from flows.cli import check_prefect_api
+
+    with pytest.raises(CrepeError, match="prefect server start"):
+        check_prefect_api(None)
+    with pytest.raises(CrepeError, match="unreachable"):
+        check_prefect_api("http://127.0.0.1:9/api", timeout=1)
 
 
 def test_search_and_evaluate_flows(project: Path, tmp_path: Path) -> None:
