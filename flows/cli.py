@@ -726,6 +726,8 @@ def _flow_setup(args: argparse.Namespace) -> Any:
     from flows.pipeline import preflight
 
     preflight(cfg)
+    if os.environ.get("PREFECT_API_URL"):  # a Prefect server that is down would stall the flow's start
+        check_prefect_api(os.environ["PREFECT_API_URL"])
     return cfg
 
 

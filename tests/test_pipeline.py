@@ -182,7 +182,8 @@ def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def crepe_cli(project: Path, prefect_home: Path, *args: str, kill_at: int = 0, log: Path | None = None,
-              timeout: float = 240, kill_in_prune: bool = False) -> subprocess.CompletedProcess:
+              timeout: float = 240, kill_in_prune: bool = False,
+              env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     launcher = project.parent / "launch.py"
     launcher.write_text(LAUNCHER.format(root=str(ROOT), tests=str(ROOT / "tests")))
     env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_LOCAL_STORAGE_PATH": str(project / "storage"),
@@ -192,6 +193,7 @@ def crepe_cli(project: Path, prefect_home: Path, *args: str, kill_at: int = 0, l
     env.pop("CREPE_WORK_DIR", None)
     if kill_in_prune:
         env["CREPE_KILL_IN_PRUNE"] = "1"
+    env.update(env_extra or {})
     if log is not None:
         env["CREPE_TASK_LOG"] = str(log)
     out, err = project.parent / "stdout.txt", project.parent / "stderr.txt"
@@ -259,6 +261,9 @@ def test_cli_errors_are_one_line(tmp_path: Path, tiny_model: Path, prefect_home:
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "cron" in res.stderr
     res = crepe_cli(proj, prefect_home, "pipeline", "-S", f"model.spec={tmp_path / 'missing'}")
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "missing does not exist" in res.stderr
+    res = crepe_cli(proj, prefect_home, "pipeline", "-S", "runner.backend=thread", "-S", "runner.dask_address=null",
+                    env_extra={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "PREFECT_API_URL" in res.stderr
     res = crepe_cli(proj, prefect_home, "pipeline", "-S", "prune.sparsty=0.5")
     assert res.returncode == 2 and "prune.sparsty" in res.stderr and res.stderr.count("\n") == 1
 
