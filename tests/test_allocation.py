@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from crepe.allocation import (
@@ -121,10 +121,19 @@ def test_alpha_golden_unequal_sizes():
     target=st.floats(0.2, 0.7),
     eps=st.floats(0.0, 0.3),
 )
+@example(metrics=[2.0, 2.0, 2.0, 3.0], seed=0, target=0.6875, eps=0.25)  # a block would exceed 1: refused
 def test_alpha_weighted_mean_band_and_monotone(metrics, seed, target, eps):
     assume(max(metrics) - min(metrics) > 1e-6)
     sizes = np.random.default_rng(seed).integers(1, 10_000, len(metrics)).tolist()
-    r = alpha_ratios_from_metric(metrics, sizes, target, eps)
+    try:
+        r = alpha_ratios_from_metric(metrics, sizes, target, eps)
+    except CrepeError as exc:
+        # the rescaled band can push the heaviest block past 1: refused, never clipped silently
+        assert "gives a block sparsity of" in str(exc)
+        top = (1 + eps) * target / weighted_mean(
+            [(m - min(metrics)) / (max(metrics) - min(metrics)) * 2 * eps + (1 - eps) for m in metrics], sizes)
+        assert top >= 1 - 1e-9
+        return
     assert weighted_mean(r, sizes) == pytest.approx(target, abs=1e-9)  # parameter-weighted
     assert max(r) / min(r) == pytest.approx((1 + eps) / (1 - eps), rel=1e-9)  # multiplicative band
     for i in range(len(metrics)):
