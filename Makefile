@@ -58,8 +58,12 @@ table: setup
 pho-report: setup  ## docs/pho.md: proxy study, PHO per sampler, RIA/Wanda, hill climbing (~1 h on 2 cores)
 	$(OFFLINE) $(PY) -m bench.pho_report
 
-zeroshot: setup
-	$(OFFLINE) $(PY) -m flows.zeroshot_table
+# CRePE's coefficients in the zero-shot table: the PHO winners of `make pho-report` when they exist
+PHO_WINNERS := $(foreach p,50pct:0.5 2-4:2:4,$(if $(wildcard runs/pho-report/$(word 1,$(subst :, ,$(p)))/pho-cmaes/pho.json),\
+	--crepe-params $(patsubst $(word 1,$(subst :, ,$(p))):%,%,$(p))=runs/pho-report/$(word 1,$(subst :, ,$(p)))/pho-cmaes/pho.json))
+
+zeroshot: setup  ## docs/zeroshot.md: dense/Wanda/RIA/CRePE at 50% and 2:4 (CRePE from PHO when run)
+	$(OFFLINE) $(PY) -m flows.zeroshot_table $(PHO_WINNERS)
 
 extensions: setup  ## docs/extensions.md: CP/LSA, OWL/AlphaPruning/DLP, DSnoT/R2-DSnoT on SmolLM2
 	$(OFFLINE) $(PY) -m bench.extensions_report

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     rows_path = work / "rows.json"
     done: dict[str, Any] = json.loads(rows_path.read_text()) if rows_path.exists() else {}
+    reused = sum(key(r) in done for r in runs)
     started = time.perf_counter()
     lm = load_model(args.model)
     tokens = data_mod.get_eval_tokens(lm.tokenizer, "test", budget.eval_source, budget.data_dir)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(rows_path, done)
         print(f"[{i + 1}/{len(runs)}] {k}: ppl {ppl:.3f} (sparsity {report.sparsity:.4f}, "
               f"{report.seconds['total']:.1f} s)", flush=True)
-    write_report(done, runs, args, budget, calibration[1], lm, time.perf_counter() - started, argv)
+    write_report(done, runs, args, budget, calibration[1], lm, time.perf_counter() - started, argv, reused)
     return 0
 
 
@@ -120,10 +121,63 @@ def _cell(done: dict[str, Any], run: dict[str, Any]) -> str:
     r = done.get(key(run))
     if r is None:
         return ""
-    return f"n/a ({r['error']})" if r.get("ppl") is None else f"{r['ppl']:.2f}"
+    return "n/a (see below)" if r.get("ppl") is None else f"{r['ppl']:.2f}"
 
 
-def write_report(done, runs, args, budget, calib, lm, wall, argv) -> None:
+def _ppl(done: dict[str, Any], table: str, method: str, sparsity: str, refine: str | None = None,
+         allocation: str | None = None) -> float | None:
+    r = done.get(key({"table": table, "method": method, "sparsity": sparsity, "refine": refine,
+                      "allocation": allocation}))
+    return None if r is None else r.get("ppl")
+
+
+def _tally(label: str, checks: list[tuple[str, float | None, float | None]]) -> str | None:
+    """One bullet: how many of ``checks`` (name, ours, baseline) have ours < baseline, naming the others."""
+    checks = [c for c in checks if c[1] is not None and c[2] is not None]
+    if not checks:
+        return None
+    bad = [f"{n} ({a:.2f} vs {b:.2f})" for n, a, b in checks if not a < b]
+    verdict = "agrees" if not bad else ("disagrees" if len(bad) == len(checks) else "partly agrees")
+    text = f"- {label}: {verdict} (holds in {len(checks) - len(bad)} of {len(checks)} cases)"
+    return text + (f"; not in: {', '.join(bad)}." if bad else ".")
+
+
+def directions(done: dict[str, Any]) -> list[str]:
+    """Each claim of the paper's Tables 9-11 checked against the measured rows (lower PPL = better)."""
+    out = []
+    pats = ("2:4", "4:8")
+    out.append(_tally("Table 9, channel permutation improves every N:M method (+ CP < plain)",
+                      [(f"{m} {p}", _ppl(done, "a", m, p, "cp"), _ppl(done, "a", m, p)) for p in pats for m in NM_METHODS]))
+    out.append(_tally("Table 9, LSA improves on the heuristic permutation (+ CP + LSA < + CP)",
+                      [(f"{m} {p}", _ppl(done, "a", m, p, "lsa"), _ppl(done, "a", m, p, "cp")) for p in pats for m in NM_METHODS]))
+    out.append(_tally("Table 9, CRePE + LSA beats RIA + LSA",
+                      [(p, _ppl(done, "a", "crepe", p, "lsa"), _ppl(done, "a", "ria", p, "lsa")) for p in pats]))
+    allocs = (("owl", "OWL"), ("alpha", "AlphaPruning"), ("dlp", "DLP"))
+    out.append(_tally("Table 10, non-uniform allocation beats uniform at 70%",
+                      [(f"{m} {n}", _ppl(done, "b", m, "0.7", None, a), _ppl(done, "b", m, "0.7")) for m in SCORE_METHODS
+                       for a, n in allocs]))
+    out.append(_tally("Table 10, CRePE beats RIA under every allocation",
+                      [(n, _ppl(done, "b", "crepe", "0.7", None, a), _ppl(done, "b", "ria", "0.7", None, a))
+                       for a, n in ((None, "uniform"), *allocs)]))
+    cells = {(m, a): _ppl(done, "b", m, "0.7", None, a) for m in SCORE_METHODS for a in (None, "owl", "alpha", "dlp")}
+    finite = {k: v for k, v in cells.items() if v is not None}
+    if finite:
+        best = min(finite, key=finite.get)
+        name = dict(allocs).get(best[1], "uniform")
+        out.append(f"- Table 10, CRePE + DLP is the best cell: here the best is {best[0]} + {name} "
+                   f"({finite[best]:.2f}){'' if best == ('crepe', 'dlp') else ', so this disagrees'}.")
+    sps = ("0.6", "0.7")
+    out.append(_tally("Table 11, DSnoT improves every method (+ DSnoT < plain)",
+                      [(f"{m} {s}", _ppl(done, "c", m, s, "dsnot"), _ppl(done, "c", m, s)) for s in sps for m in SCORE_METHODS]))
+    out.append(_tally("Table 11, CRePE + DSnoT beats RIA + DSnoT",
+                      [(s, _ppl(done, "c", "crepe", s, "dsnot"), _ppl(done, "c", "ria", s, "dsnot")) for s in sps]))
+    out.append(_tally("R²-DSnoT (not in the CRePE paper; its own paper) improves on DSnoT",
+                      [(f"{m} {s}", _ppl(done, "c", m, s, "r2-dsnot"), _ppl(done, "c", m, s, "dsnot")) for s in sps
+                       for m in SCORE_METHODS]))
+    return [line for line in out if line]
+
+
+def write_report(done, runs, args, budget, calib, lm, wall, argv, reused: int = 0) -> None:
     sections = []
     if any(r["table"] == "a" for r in runs):
         rows = []
@@ -144,6 +198,11 @@ def write_report(done, runs, args, budget, calib, lm, wall, argv) -> None:
                          for rf in (None, "dsnot", "r2-dsnot")]] for s in ("0.6", "0.7") for m in SCORE_METHODS]
         sections.append("## (c) Re-pruning with DSnoT and R²-DSnoT (paper Table 11)\n\n"
                         + md_table(["sparsity", "method", "plain", "+ DSnoT", "+ R²-DSnoT"], rows))
+    errors = sorted({f"{r['method']} at {r['sparsity']} with {r['allocation'] or r['refine']}: {r['error']}"
+                     for r in done.values() if isinstance(r, dict) and r.get("error")})
+    if errors:
+        sections.append("Cells marked n/a could not be pruned as configured (the run refused, as a user's run would):\n\n"
+                        + "\n".join(f"- {e}" for e in errors) + "\n")
     timing = []
     base = {pat: done.get(key({"table": "a", "method": "wanda", "sparsity": pat, "refine": None, "allocation": None}))
             for pat in ("2:4", "4:8")}
@@ -164,10 +223,14 @@ def write_report(done, runs, args, budget, calib, lm, wall, argv) -> None:
     if timing:
         sections.append("## Prune time relative to Wanda (same run, same calibration; 1 thread, shared CPU)\n\n"
                         + md_table(["sparsity", "method", "prune s", "/ Wanda"], timing))
+    claims = directions(done)
+    if claims:
+        sections.append("## Where these numbers agree with the paper's direction (computed from the rows above)\n\n"
+                        + "\n".join(claims) + "\n")
     text = f"""# Extensions on the embedded SmolLM2: channel permutation, layer allocation, re-pruning
 
 Generated by `{command_line('bench.extensions_report', argv)}` (`make extensions`) on {now()} in
-{wall / 60:.1f} min; raw rows in `{Path(args.work) / 'rows.json'}` (not in git).
+{wall / 60:.1f} min{f" ({reused} of {len(runs)} rows reused from an interrupted earlier invocation)" if reused else ""}; raw rows in `{Path(args.work) / 'rows.json'}` (not in git).
 
 WikiText-2 **test** perplexity (lower is better) of `{lm.info.spec}`; dense: **{done['dense']['ppl']:.2f}**.
 Calibration {calib['n_samples']} x {calib['seqlen']} tokens from {calib['source']} (seed {calib['seed']}), the same

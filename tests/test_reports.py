@@ -1,0 +1,72 @@
+"""The computed findings of the docs reports (bench/pho_report.py, bench/extensions_report.py)."""
+
+from __future__ import annotations
+
+import json
+
+from bench.extensions_report import _tally, directions, key
+from bench.pho_report import _constant_proxies, _findings
+
+NAMES = ["gini_pruned", "gini_retained", "outlier", "outlier_pruned", "outlier_retained"]
+
+
+def _row(table, method, sparsity, refine=None, allocation=None, ppl=None, error=None):
+    run = {"table": table, "method": method, "sparsity": sparsity, "refine": refine, "allocation": allocation}
+    return key(run), {**run, "ppl": ppl, **({"error": error} if error else {})}
+
+
+def test_tally_counts_and_names_the_exceptions():
+    line = _tally("claim", [("a", 1.0, 2.0), ("b", 3.0, 2.0), ("c", None, 1.0)])
+    assert "partly agrees (holds in 1 of 2 cases)" in line and "b (3.00 vs 2.00)" in line and "a (" not in line
+    assert "agrees (holds in 2 of 2" in _tally("claim", [("a", 1.0, 2.0), ("b", 1.0, 2.0)])
+    assert "disagrees (holds in 0 of 1" in _tally("claim", [("a", 2.0, 2.0)])  # a tie is not an improvement
+    assert _tally("claim", [("a", None, 2.0)]) is None
+
+
+def test_directions_reads_every_table():
+    done = dict([
+        _row("a", "crepe", "2:4", ppl=10.0), _row("a", "crepe", "2:4", "cp", ppl=9.0), _row("a", "crepe", "2:4", "lsa", ppl=8.0),
+        _row("a", "ria", "2:4", "lsa", ppl=7.0),
+        _row("b", "crepe", "0.7", ppl=50.0), _row("b", "crepe", "0.7", allocation="dlp", ppl=30.0),
+        _row("b", "ria", "0.7", allocation="dlp", ppl=40.0),
+        _row("b", "crepe", "0.7", allocation="alpha", error="refused"),
+        _row("c", "crepe", "0.6", ppl=20.0), _row("c", "crepe", "0.6", "dsnot", ppl=25.0),
+    ])
+    text = "\n".join(directions(done))
+    assert "channel permutation improves every N:M method (+ CP < plain): agrees (holds in 1 of 1" in text
+    assert "CRePE + LSA beats RIA + LSA: disagrees (holds in 0 of 1" in text
+    assert "non-uniform allocation beats uniform at 70%: agrees (holds in 1 of 1" in text  # the refused cell is skipped
+    assert "the best is crepe + DLP (30.00)" in text and "so this disagrees" not in text
+    assert "DSnoT improves every method (+ DSnoT < plain): disagrees" in text
+    assert "R²-DSnoT" not in text  # no rows: no claim
+
+
+def _report(hc_seconds: float, pho_test: float, hc_test: float) -> dict:
+    pho = {"final": {"params": {}, "validation_ppl": 9.0, "test_ppl": pho_test},
+           "totals": {"pho_seconds": 10.0}}
+    return {"settings": {"top_k": 3, "hc_evals": 8, "hc_evals_main": 20},
+            "patterns": {"2:4": {"ria_validation": 10.0, "ria_test": 12.0,
+                                 "proxy_study": {"spearman": {"gini_pruned": 0.8}},
+                                 "pho": {"cmaes": pho},
+                                 "hill_climb": {"final": {"test_ppl": hc_test},
+                                                "totals": {"eval_seconds": hc_seconds}}}}}
+
+
+def test_pho_findings_state_targets_as_measured(tmp_path):
+    slow = _findings(_report(30.0, 12.5, 12.0), tmp_path, ["2:4"], NAMES)
+    assert "3.0x to 3.0x" in slow and "**not met**" in slow
+    assert "within 1% of hill climbing's in 0 of 1" in slow
+    assert "did not carry over to the test split for cmaes at 2:4 (12.50 vs RIA 12.00)" in slow
+    assert "ranks configurations like perplexity" in slow
+    fast = _findings(_report(200.0, 11.0, 11.05), tmp_path, ["2:4"], NAMES)
+    assert "the ≥10x target is met" in fast and "in 1 of 1" in fast and "carry over" not in fast
+
+
+def test_constant_proxies_are_named(tmp_path):
+    study = tmp_path / "2-4" / "proxy-study"
+    study.mkdir(parents=True)
+    rows = [{"proxies": {"gini_pruned": g, "gini_retained": g, "outlier": 1.0, "outlier_pruned": 0.0,
+                         "outlier_retained": g}} for g in (0.1, 0.2, 0.3)]
+    (study / "proxy_study.json").write_text(json.dumps({"rows": rows}))
+    assert _constant_proxies(tmp_path, "2-4", NAMES) == {"outlier": 1.0, "outlier_pruned": 0.0}
+    assert _constant_proxies(tmp_path, "50pct", NAMES) == {}
