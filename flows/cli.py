@@ -702,9 +702,16 @@ def _add_pipeline_parsers(sub: Any) -> None:
     p = sub.add_parser("pipeline", help="run the whole pipeline (Prefect flow): PHO, prune, evaluate, release, MLflow",
                        description="Resolve the model and data, PHO screening, top-k verification, final prune, "
                        "refine, evaluate, write the release folder and log everything to MLflow. Finished tasks are "
-                       "cached by content: rerunning the same command (after a crash, too) reuses them.")
+                       "cached by content: rerunning the same command (after a crash, too) reuses them. With "
+                       "--until STEP it stops after that step and --export writes the step's result (the DVC "
+                       "stages of dvc.yaml do this); only the whole run logs to MLflow.")
     add_config_args(p)
     p.add_argument("--refresh", action="store_true", help="recompute every task (ignore the cache)")
+    p.add_argument("--until", choices=["search", "prune", "evaluate", "release"], default=None,
+                   help="stop after this step (default: release, the whole pipeline; only it logs to MLflow)")
+    p.add_argument("--export", metavar="PATH",
+                   help="with --until search|prune|evaluate: write that step's result to PATH atomically "
+                   "(search: a folder with pho.json; prune: the pruned model folder; evaluate: a metrics JSON)")
     p = sub.add_parser("transfer", help="apply the best PHO configuration of a source model to target models/patterns",
                        description="Looks up the best PHO configuration recorded in MLflow for (source model, "
                        "pattern) and evaluates it on every target model and pattern next to the target's RIA "
@@ -724,7 +731,7 @@ def _add_pipeline_parsers(sub: Any) -> None:
     p.add_argument("--name", default="crepe-pipeline-scheduled", help="deployment name (default %(default)s)")
 
 
-def _flow_setup(args: argparse.Namespace) -> Any:
+def _flow_setup(args: argparse.Namespace, tracking: bool = True) -> Any:
     """Validate the config and run the fail-fast checks before Prefect starts; set Prefect's env defaults."""
     from flows.config import config_from_args
     from flows.runtime import prefect_env
@@ -733,23 +740,33 @@ def _flow_setup(args: argparse.Namespace) -> Any:
     prefect_env(cfg.project_root)
     from flows.pipeline import preflight
 
-    preflight(cfg)
+    preflight(cfg, tracking=tracking)
     if os.environ.get("PREFECT_API_URL"):  # a Prefect server that is down would stall the flow's start
         check_prefect_api(os.environ["PREFECT_API_URL"])
     return cfg
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    cfg = _flow_setup(args)
+    from crepe.errors import CrepeError
+
+    if args.export is not None and args.until is None:
+        raise CrepeError("--export needs --until search, prune or evaluate (the step whose result it writes)")
+    until = args.until or "release"
+    cfg = _flow_setup(args, tracking=until == "release")  # sets Prefect's environment: import prefect after it
     from contextlib import nullcontext
 
     from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
-    from flows.pipeline import pipeline, task_runner
+    from flows.pipeline import check_until, pipeline, task_runner
+
+    export = None
+    if args.export is not None:
+        check_until(until, args.export)  # before the flow starts: a refused path costs nothing
+        export = str(Path(args.export).expanduser().absolute())  # the flow may run elsewhere (a deployment)
 
     flow = pipeline.with_options(task_runner=task_runner(cfg))
     with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}) if args.refresh else nullcontext():
-        flow(args.params, list(args.overrides))
+        flow(args.params, list(args.overrides), until, export)
     return 0
 
 

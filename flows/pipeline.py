@@ -2,7 +2,8 @@
 
 - :func:`pipeline`: resolve inputs -> calibration windows -> PHO screening -> top-k verification (one
   task per candidate, mapped: parallel with ``runner.max_workers`` threads or Dask workers) -> final
-  prune -> refine -> evaluate -> release -> MLflow.
+  prune -> refine -> evaluate -> release -> MLflow; ``until`` stops after search, prune or evaluate
+  (no MLflow then) and ``export`` writes that step's result (the DVC stages: ``dvc.yaml``).
 - :func:`search`: PHO only (screening, verification, summary, MLflow).
 - :func:`evaluate_flow`: perplexity (and zero-shot) of the configured model.
 - :func:`transfer`: the best PHO configuration recorded in MLflow for (source model, pattern) applied
@@ -30,6 +31,7 @@ from flows.config import PipelineConfig, load_config
 from tasks import pipeline as T
 
 DASK_PROBE_S = 3.0
+STEPS = ("search", "prune", "evaluate", "release")  # `crepe pipeline --until STEP`; release = the whole flow
 
 
 def say(text: str) -> None:
@@ -84,15 +86,16 @@ def task_runner(cfg: PipelineConfig) -> Any:
     return ThreadPoolTaskRunner(max_workers=cfg.runner.max_workers)
 
 
-def preflight(cfg: PipelineConfig) -> None:
-    """Checks that must fail fast, before any flow starts: a local model folder exists, MLflow and the Dask
-    scheduler are reachable (each failure: one CrepeError sentence)."""
+def preflight(cfg: PipelineConfig, tracking: bool = True) -> None:
+    """Checks that must fail fast, before any flow starts: a local model folder exists, MLflow (when the run
+    ``tracking`` and ``tracking.enabled``) and the Dask scheduler are reachable (each failure: one CrepeError
+    sentence)."""
     spec = cfg.model.spec
     if not spec.startswith(("embedded:", "hf:")) and (spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()):
         from crepe.models import check_model_folder
 
         check_model_folder(Path(spec).expanduser())
-    if cfg.tracking.enabled:
+    if tracking and cfg.tracking.enabled:
         from tasks.tracking import Tracker
 
         Tracker(cfg.tracking_uri(), cfg.project_root, experiment=cfg.tracking.experiment).check()
@@ -177,16 +180,46 @@ def _metrics(evaluation: dict, released: dict | None) -> dict[str, Any]:
 # --- flows ------------------------------------------------------------------------------------------------------
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    """The whole DAG on a loaded config (the body of :func:`pipeline`)."""
+def check_until(until: str, export: str | None = None) -> None:
+    """``until`` is one of :data:`STEPS`, and an ``export`` path is allowed for it (one sentence otherwise)."""
+    if until not in STEPS:
+        raise CrepeError(f"--until {until!r} is not a pipeline step; choose one of {', '.join(STEPS)}")
+    if export is not None:
+        T.check_export(until, export)
+
+
+def _export(cfg: PipelineConfig, until: str, export: str | None, **result: Any) -> None:
+    if export is not None:
+        path = _call(T.export, cfg, until, export, **result)
+        say(f"exported the {until} result to {path}")
+
+
+def run_pipeline(cfg: PipelineConfig, until: str = "release", export: str | None = None) -> dict[str, Any]:
+    """The DAG on a loaded config (the body of :func:`pipeline`), up to and including the step ``until``
+    (:data:`STEPS`; ``release``: everything, MLflow tracking included; an earlier step tracks nothing), then
+    ``export`` (a path) receives that step's result (:func:`tasks.pipeline.export`). Every step is a cached
+    task, so ``--until search`` then ``--until prune`` computes the search once."""
+    check_until(until, export)
     inputs, calib = _inputs(cfg)
     model, mh = inputs["model"], inputs["model"]["content_hash"]
     search = _search(cfg, inputs, calib) if cfg.pho.enabled else None
+    if search is None:
+        say("pho.enabled is false: no search; the prune uses prune.params")
+    if until == "search":
+        _export(cfg, until, export, search=search)
+        return {"until": until, "search": search}
     params = search["winner"]["params"] if search else {}
     pruned = _call(T.final_prune, cfg, model, mh, calib, params)
     refined = _call(T.refine, cfg, pruned)
+    say(f"pruned model {refined['path']} (overall sparsity {refined['report']['overall_sparsity']:.4f})")
+    if until == "prune":
+        _export(cfg, until, export, pruned=refined)
+        return {"until": until, "search": search, "pruned": refined}
     evaluation = _call(T.evaluate, cfg, refined, inputs["evaluation"][cfg.eval.ppl.split]["sha256"])
     say(f"{cfg.eval.ppl.split} perplexity {evaluation['ppl']['ppl']:.4f}")
+    if until == "evaluate":
+        _export(cfg, until, export, pruned=refined, evaluation=evaluation)
+        return {"until": until, "search": search, "pruned": refined, "evaluation": evaluation}
     lineage = _lineage(cfg, inputs, calib, refined, search, evaluation)
     released = _call(T.release, cfg, refined, lineage)
     if not T.release_is_current(released):  # the folder was removed or replaced since the cached run
@@ -197,14 +230,16 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         say(f"MLflow run {tracked['run_id']} in {cfg.tracking_uri()}"
             + (f"; registered {cfg.registered_model_name()} v{tracked['version']} @{cfg.release.alias}"
                if tracked["version"] else ""))
-    return {"release": released, "evaluation": evaluation, "search": search, "tracking": tracked,
+    return {"until": until, "release": released, "evaluation": evaluation, "search": search, "tracking": tracked,
             "pruned": refined}
 
 
 @flow(name="crepe-pipeline", log_prints=False, validate_parameters=False)
-def pipeline(params: str | None = "params.yaml", overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The whole pipeline on ``params`` (a params.yaml path) with ``-S`` ``overrides``."""
-    return run_pipeline(load_config(params, list(overrides)))
+def pipeline(params: str | None = "params.yaml", overrides: Sequence[str] = (), until: str = "release",
+             export: str | None = None) -> dict[str, Any]:
+    """The pipeline on ``params`` (a params.yaml path) with ``-S`` ``overrides``, up to the step ``until``,
+    whose result goes to ``export`` (see :func:`run_pipeline`)."""
+    return run_pipeline(load_config(params, list(overrides)), until, export)
 
 
 @flow(name="crepe-search", validate_parameters=False)

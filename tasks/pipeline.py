@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,7 +42,8 @@ TASK_LOG_ENV = "CREPE_TASK_LOG"  # optional: a file each task body appends "<nam
 CALIB_FILE = "calibration.pt"
 SEARCH_FILE = "search.json"  # deterministic search summary (no timings): referenced by the release
 PHO_FILE = "pho.json"  # the full summary in crepe search's format (timings included): MLflow
-PRUNE_REPORT = "prune_report.json"
+PRUNE_MANIFEST = "crepe_manifest.json"  # as `crepe prune` writes it: `crepe verify` checks the folder
+EXPORT_STEPS = ("search", "prune", "evaluate")  # the steps whose result `crepe pipeline --export` writes
 
 
 # --- work folder, code version, cache keys --------------------------------------------------------------
@@ -359,7 +361,8 @@ def final_prune(cfg: Any, model: dict[str, Any], model_hash: str, calib: dict[st
                 params: dict[str, Any]) -> dict[str, Any]:
     """Prune the base model with ``prune`` (``params``: the PHO winner overlay, or {}; ``refine`` and
     ``allocation`` are applied inside the sequential prune, see ``PipelineConfig.prune_config``), save the HF folder
-    atomically under the work folder. Returns ``{"path", "sha256"`` (folder content hash), ``"prune"``
+    atomically under the work folder with a deterministic ``crepe_manifest.json`` (per-layer zeros and file
+    hashes as ``crepe prune`` records them, so ``crepe verify`` accepts the folder). Returns ``{"path", "sha256"`` (folder content hash), ``"prune"``
     (the resolved PruneConfig), ``"report"`` (sparsity, no timings)``}``."""
     from crepe.jobs import prune_loaded
 
@@ -368,13 +371,25 @@ def final_prune(cfg: Any, model: dict[str, Any], model_hash: str, calib: dict[st
     config = cfg.prune_config(params)
     lm = _load(cfg, model["path"])
     report, _ = prune_loaded(lm, config, cfg.budget(), cfg.model.blocks, None, (_load_tokens(calib), calib["info"]))
-    summary = {k: v for k, v in report.as_dict().items() if k not in ("seconds", "layers", "config")}
+    full = report.as_dict()
+    summary = {k: v for k, v in full.items() if k not in ("seconds", "layers", "config")}
     out = work_dir(cfg) / "pruned" / _digest(model_hash, calib["sha256"], cfg.section_hash("prune"),
                                              cfg.section_hash("refine"), cfg.section_hash("allocation"), params)
+    manifest = {
+        "kind": "crepe-pruned-model",
+        "model": {"spec": cfg.model.spec, "content_hash": model_hash, "dtype": cfg.model.dtype},
+        "prune": {**summary, "config": full["config"],
+                  "layers": [{k: layer[k] for k in ("name", "shape", "zeros", "numel", "sparsity", "nm_valid")}
+                             for layer in full["layers"]]},
+        "data": {"calibration": calib["info"]},
+        "seed": cfg.calibration.seed,
+    }
     with atomic_dir(out, overwrite=True) as tmp:
         lm.model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / PRUNE_REPORT, summary)
+        manifest["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
+                             if p.is_file()}
+        write_json_atomic(tmp / PRUNE_MANIFEST, manifest)  # deterministic: no timings, no machine paths
     result = {"path": str(out), "sha256": sha256_folder(out), "prune": config.as_dict(), "report": summary}
     return _finished(started, result)
 
@@ -508,6 +523,96 @@ def track(cfg: Any, run_key: str, inputs: dict[str, Any], search: dict[str, Any]
                 version = tracker.register_release(released["path"], cfg.registered_model_name(),
                                                    cfg.release.alias, run)
     return {"run_id": run.run_id, "version": None if version is None else version.get("version")}
+
+
+# --- 6. export: ``crepe pipeline --until STEP --export PATH`` (the DVC stages' outputs) ---------------------
+
+_EXPORT_MARKER = {"search": PHO_FILE, "prune": PRUNE_MANIFEST}  # what an earlier export of the step holds
+
+
+def check_export(step: str, path: str | Path) -> Path:
+    """The absolute path ``crepe pipeline --until STEP --export PATH`` may write, else a CrepeError in one
+    sentence: search and prune write a folder (new, empty, or an earlier export of the same step, which is
+    replaced), evaluate a JSON file. Checked before the flow starts and again when exporting."""
+    if step not in EXPORT_STEPS:
+        raise CrepeError(f"--export applies to --until {', '.join(EXPORT_STEPS)}; --until {step} has nothing to "
+                         "export" + (" (its folder is release.out_dir: -S release.out_dir=PATH)" if step == "release"
+                                     else ""))
+    target = Path(path).expanduser().absolute()
+    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise CrepeError(f"--export {path} cannot be written: {blocker} is a file, not a folder")
+    if step == "evaluate":
+        if target.is_dir():
+            raise CrepeError(f"--export {path} is a folder; --until evaluate writes a JSON file such as "
+                             "data/metrics/eval.json")
+        return target
+    if target.exists() and not target.is_dir():
+        raise CrepeError(f"--export {path} is a file; --until {step} writes a folder")
+    marker = _EXPORT_MARKER[step]
+    if target.is_dir() and any(target.iterdir()) and not (target / marker).is_file():
+        raise CrepeError(f"--export {path} is a non-empty folder without {marker}, so not an earlier --until {step} "
+                         "export; remove it or choose another path")
+    return target
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def _cached_file(path: str | Path, sha256: str | None = None) -> Path:
+    file = Path(path)
+    if not file.is_file() or (sha256 is not None and sha256_file(file) != sha256):
+        raise CrepeError(f"the cached result {file} is missing or changed; rerun with --refresh to rebuild it")
+    return file
+
+
+def no_search_summary(cfg: Any) -> dict[str, Any]:
+    """The ``pho.json`` of a search step with ``pho.enabled: false``: no search ran, the prune uses
+    ``prune.params`` (``crepe prune --params-from`` reads them from ``params``)."""
+    return {"kind": "pho", "enabled": False, "winner": None, "params": dict(cfg.prune.params),
+            "config": {"model": cfg.model.spec, "method": cfg.prune.method, "sparsity": cfg.prune.sparsity},
+            "note": "pho.enabled is false: no search ran; the prune uses prune.params"}
+
+
+def evaluation_metrics(evaluation: Mapping[str, Any], pruned: Mapping[str, Any]) -> dict[str, Any]:
+    """The metrics JSON of ``--until evaluate --export``: ``perplexity`` (and ``zero_shot``) as ``crepe eval
+    --json`` writes them, the achieved sparsity and the pruned folder's content hash; no timings."""
+    out: dict[str, Any] = {"perplexity": dict(evaluation["ppl"]),
+                           "sparsity": pruned["report"]["overall_sparsity"], "pruned_sha256": pruned["sha256"]}
+    if "zero_shot" in evaluation:
+        out["zero_shot"] = evaluation["zero_shot"]
+    return out
+
+
+@task(name="export", cache_policy=NO_CACHE)
+def export(cfg: Any, step: str, path: str, search: dict[str, Any] | None = None, pruned: dict[str, Any] | None = None,
+           evaluation: dict[str, Any] | None = None) -> str:
+    """Write the result of ``step`` to ``path``, atomically (a temp sibling renamed into place: an interrupted
+    export leaves the previous one intact): search -> a folder with ``pho.json`` (what ``crepe prune
+    --params-from`` reads) and ``search.json``; prune -> a copy of the pruned HF folder with its manifest
+    (checked against the cached content hash); evaluate -> the metrics JSON (:func:`evaluation_metrics`)."""
+    target = check_export(step, path)
+    if step == "search":
+        with atomic_dir(target, overwrite=True) as tmp:
+            if search is None:
+                write_json_atomic(tmp / PHO_FILE, no_search_summary(cfg))
+            else:
+                shutil.copyfile(_cached_file(search["pho_json"]), tmp / PHO_FILE)
+                shutil.copyfile(_cached_file(search["path"], search["sha256"]), tmp / SEARCH_FILE)
+    elif step == "prune":
+        assert pruned is not None
+        src = Path(pruned["path"])
+        if not src.is_dir():
+            raise CrepeError(f"the cached pruned model {src} is missing; rerun with --refresh to rebuild it")
+        with atomic_dir(target, overwrite=True) as tmp:
+            _copy_tree(src, tmp)
+            if sha256_folder(tmp) != pruned["sha256"]:
+                raise CrepeError(f"the cached pruned model {src} changed since it was written; rerun with --refresh")
+    else:
+        assert evaluation is not None and pruned is not None
+        write_json_atomic(target, evaluation_metrics(evaluation, pruned))
+    return str(target)
 
 
 @task(name="transfer-table", cache_policy=NO_CACHE)

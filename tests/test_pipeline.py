@@ -424,3 +424,150 @@ def test_cli_refresh_recomputes_cached_tasks(project: Path, tmp_path: Path, monk
     assert computed(log) == []
     assert main([*args, "--refresh"]) == 0
     assert {"calibration-windows", "final-prune", "evaluate", "release"} <= set(computed(log))
+
+
+
+# --- crepe pipeline --until STEP --export PATH (the DVC stages) ---------------------------------------------
+
+
+def cli(project: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """``crepe pipeline --params params.yaml ARGS`` in process (in the module's harness), run from the project
+    folder as DVC runs its stages (relative --export paths land there)."""
+    from flows.cli import main
+
+    for key in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH", "PREFECT_SERVER_ANALYTICS_ENABLED",
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_RESULTS_PERSIST_BY_DEFAULT"):
+        monkeypatch.delenv(key, raising=False)  # whatever prefect_env sets is undone after the test
+    monkeypatch.chdir(project)
+    return main(["pipeline", "--params", "params.yaml", *args])
+
+
+def test_until_steps_export_and_reuse_each_other(project: Path, tmp_path: Path, tiny_model: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """search -> prune -> evaluate as separate commands (the DVC stages): each computes only its own step,
+    reuses the earlier ones, exports what the standalone commands read, and nothing is released or tracked."""
+    from crepe.io import sha256_folder
+    from crepe.jobs import load_params_file
+    from crepe.release import verify_release
+
+    log, data = tmp_path / "computed.txt", project / "data"
+    assert cli(project, monkeypatch, "--until", "search", "--export", "data/search") == 0
+    assert sorted(set(computed(log))) == ["calibration-windows", "pho-screen", "search-summary", "verify-candidate"]
+    pho = json.loads((data / "search" / "pho.json").read_text())
+    assert load_params_file(data / "search" / "pho.json", "crepe") == pho["winner"]["params"]  # --params-from
+    assert json.loads((data / "search" / "search.json").read_text())["winner"]["params"] == pho["winner"]["params"]
+    log.unlink()
+    capsys.readouterr()
+
+    assert cli(project, monkeypatch, "--until", "prune", "--export", "data/pruned") == 0
+    out = capsys.readouterr().out
+    assert computed(log) == ["final-prune"]
+    for name in ("calibration-windows", "pho-screen", "verify-candidate[0]", "search-summary"):
+        assert f"[crepe] reused cached {name}" in out
+    manifest = json.loads((data / "pruned" / "crepe_manifest.json").read_text())
+    assert {k: manifest["prune"]["config"]["params"][k] for k in pho["winner"]["params"]} == pho["winner"]["params"]
+    report = verify_release(data / "pruned", quick_ppl=False)  # crepe verify data/pruned (the DVC verify stage)
+    assert report["pattern"] == "2:4" and report["nm_valid"]
+    log.unlink()
+
+    assert cli(project, monkeypatch, "--until", "evaluate", "--export", "data/metrics/eval.json") == 0
+    assert computed(log) == ["evaluate"] and "[crepe] reused cached final-prune" in capsys.readouterr().out
+    metrics = json.loads((data / "metrics" / "eval.json").read_text())
+    assert metrics["perplexity"]["ppl"] > 1 and metrics["perplexity"]["split"] == "test"
+    assert metrics["sparsity"] == report["overall_sparsity"]
+    assert metrics["pruned_sha256"] == sha256_folder(data / "pruned")
+    assert not (data / "release").exists()
+    assert sorted(p.name for p in data.iterdir()) == ["metrics", "pruned", "search"]  # no temp folder left
+    log.unlink()
+
+    full = run_flow(project)  # the release stage: only the release is new
+    assert computed(log) == ["release"]
+    assert full["evaluation"]["ppl"]["ppl"] == metrics["perplexity"]["ppl"]
+    assert full["release"]["metrics"]["sparsity"] == metrics["sparsity"]
+
+    # partial runs never touch MLflow: the same steps with tracking on (all cached) create no store
+    tracked = make_project(tmp_path / "tracked", tiny_model, tracking=True)
+    assert cli(tracked, monkeypatch, "--until", "evaluate", "--export", "eval.json") == 0
+    assert (tracked / "eval.json").is_file() and not (tracked / "mlflow.db").exists()
+
+
+def test_until_search_without_pho_exports_prune_params(project: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from crepe.jobs import load_params_file
+
+    log = tmp_path / "computed.txt"
+    off = ["-S", "pho.enabled=false", "-S", "prune.params={alpha: 0.5}"]
+    assert cli(project, monkeypatch, *off, "--until", "search", "--export", "s") == 0
+    doc = json.loads((project / "s" / "pho.json").read_text())
+    assert doc["enabled"] is False and doc["winner"] is None and "no search ran" in doc["note"]
+    params = load_params_file(project / "s" / "pho.json", "crepe")  # what crepe prune --params-from reads
+    assert params["alpha"] == 0.5 and params["beta"] == 1.0  # prune.params resolved against CRePE's defaults
+    assert computed(log) == ["calibration-windows"]
+    assert cli(project, monkeypatch, *off, "--until", "prune", "--export", "p") == 0
+    assert computed(log) == ["calibration-windows", "final-prune"]
+    manifest = json.loads((project / "p" / "crepe_manifest.json").read_text())
+    assert manifest["prune"]["config"]["params"]["alpha"] == 0.5
+
+
+def test_export_is_atomic_and_checks_the_cached_folder(project: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """An export that fails half-way leaves the previous export as it was and no temp folder; a cached
+    pruned folder modified since it was written is refused (one sentence), never exported."""
+    import shutil
+
+    import tasks.pipeline as tp
+    from crepe.io import sha256_folder
+
+    args = ("-S", "pho.enabled=false", "--until", "prune", "--export", "data/pruned")
+    assert cli(project, monkeypatch, *args) == 0
+    before = sha256_folder(project / "data" / "pruned")
+
+    def copy_half_then_fail(src: Path, dst: Path) -> None:
+        shutil.copyfile(src / "config.json", dst / "config.json")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched, pytest.raises(OSError, match="No space left"):
+        patched.setattr(tp, "_copy_tree", copy_half_then_fail)
+        cli(project, monkeypatch, *args)
+    assert sha256_folder(project / "data" / "pruned") == before
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["pruned"]
+
+    work = next((project / ".crepe" / "work" / "pruned").iterdir())
+    (work / "config.json").write_text((work / "config.json").read_text() + " ")
+    capsys.readouterr()
+    assert cli(project, monkeypatch, *args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (Prefect logs the failed task run above it)
+    assert last.startswith("crepe: error: the cached pruned model") and "changed since it was written" in last
+    assert "--refresh" in last
+    assert sha256_folder(project / "data" / "pruned") == before
+    assert cli(project, monkeypatch, *args, "--refresh") == 0  # recomputed: the same weights again
+    assert sha256_folder(project / "data" / "pruned") == before
+
+
+def test_until_export_refusals_are_one_sentence(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """Bad --until/--export input fails before the flow starts: exit 2 and one line, nothing written."""
+    log = tmp_path / "computed.txt"
+    (project / "notes").mkdir()
+    (project / "notes" / "todo.txt").write_text("keep me\n")
+    (project / "afile").write_text("x\n")
+    cases = [
+        (["--export", "data/search"], "--export needs --until"),
+        (["--until", "release", "--export", "data/release"], "release.out_dir"),
+        (["--until", "search", "--export", "afile"], "is a file"),
+        (["--until", "prune", "--export", "notes"], "without crepe_manifest.json"),
+        (["--until", "search", "--export", "afile/sub"], "afile is a file"),
+        (["--until", "evaluate", "--export", "notes"], "writes a JSON file"),
+    ]
+    for args, expected in cases:
+        capsys.readouterr()
+        assert cli(project, monkeypatch, *args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("crepe: error: ") and err.count("\n") == 1 and expected in err, (args, err)
+    with pytest.raises(SystemExit) as exc:
+        cli(project, monkeypatch, "--until", "everything")
+    assert exc.value.code == 2 and "invalid choice: 'everything'" in capsys.readouterr().err
+    assert not log.exists() and not (project / "data").exists()
+    assert (project / "notes" / "todo.txt").read_text() == "keep me\n" and (project / "afile").read_text() == "x\n"
