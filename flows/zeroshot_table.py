@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/zeroshot.md")
     p.add_argument("--json", default="docs/zeroshot.json")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--rewrite", action="store_true", help="only re-render --out from the --json of a finished run")
     return p
 
 
@@ -134,8 +135,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for method in methods:
             if method == "dense":
                 continue
-            params, origin = ({}, "documented defaults (docs/methods.md)")
+            params, origin = ({}, "-")
             if method == "crepe":
+                origin = "documented defaults (docs/methods.md)"
                 from crepe.types import parse_sparsity
 
                 params, origin = crepe_params.get(parse_sparsity(pattern).label, (params, origin))
@@ -180,6 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "budget": budget.__dict__,
         "rows": rows,
         "wall_seconds": round(time.perf_counter() - started, 1),
+        "command": " ".join(sys.argv[1:]),
         **_provenance(),
     }
 
@@ -191,6 +194,33 @@ def _doc_row(name: str, t: dict[str, Any]) -> str:
     where = f"`{src['path']}` ({src['kind']}" + (f", sha256 {src['sha256'][:12]}...)" if src["sha256"] else ")")
     return (f"| {LABELS.get(name, name)} (`{name}`) | {t['n']} of {t['n_total']} | {TASK_DATA[name].split} | "
             f"{t['version']} | {where} | {CHANCE.get(name, '')} |")
+
+
+def _findings(rows: list[dict[str, Any]], noise: float) -> str:
+    """Per pattern: each pruned method's drop in average acc from dense, the best method, and whether the
+    spread between methods exceeds ``noise`` (twice the standard error of the average, in points)."""
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    lines = []
+    for pattern in dict.fromkeys(r["pattern"] for r in rows if r["method"] != "dense"):
+        pruned = [r for r in rows if r["pattern"] == pattern and r["zero_shot"]["average_acc"] is not None]
+        if not pruned:
+            continue
+        acc = {r["method"]: 100 * r["zero_shot"]["average_acc"] for r in pruned}
+        best = max(acc, key=acc.get)
+        spread = max(acc.values()) - min(acc.values())
+        drops = ""
+        if dense is not None and dense["zero_shot"]["average_acc"] is not None:
+            d = 100 * dense["zero_shot"]["average_acc"]
+            drops = " (" + ", ".join(f"{m} {v - d:+.2f}" for m, v in acc.items()) + " points vs dense)"
+        crepe = next((r.get("params") or {} for r in pruned if r["method"] == "crepe"), None)
+        same = "ria" in acc and crepe is not None and (crepe.get("alpha"), crepe.get("beta"), crepe.get("gamma")) == (1, 1, 0)
+        text = (f"- {pattern}: the highest average acc is {best} ({acc[best]:.2f}){drops}; the spread between methods "
+                f"is {spread:.2f} points, {'above' if spread > noise else 'within'} the noise level of about "
+                f"{noise:.1f} points.")
+        if same:
+            text += " CRePE is RIA here: its coefficients are the RIA point (α=β=1, γ=0), which PHO kept."
+        lines.append(text)
+    return "\n".join(lines)
 
 
 def render(result: dict[str, Any], json_path: str) -> str:
@@ -214,8 +244,9 @@ def render(result: dict[str, Any], json_path: str) -> str:
     n_min = min(first["tasks"][n]["n"] for n in names)
     se_task = 100 * 0.5 / math.sqrt(n_min)
     se_avg = se_task / math.sqrt(len(names))
-    crepe_params = next((r["params"] for r in rows if r["method"] == "crepe"), None)
-    argv = " ".join(sys.argv[1:])
+    crepe_params = "; ".join(f"{r['pattern']}: {json.dumps(r['params'])}" for r in rows if r["method"] == "crepe") or "-"
+    argv = result.get("command", " ".join(sys.argv[1:]))
+    findings = _findings(rows, 2 * se_avg)
     command = f"`python -m flows.zeroshot_table {argv}`" if argv else "`make zeroshot` (`python -m flows.zeroshot_table`)"
     scope = "every document" if limit is None else f"the first {limit} documents of each task"
     return f"""# Zero-shot accuracy of pruned {model['spec']} (lm-eval {first['lm_eval_version']}, 0-shot)
@@ -245,7 +276,7 @@ the six tasks (the Wanda/RIA convention, spec §14.2).
 - Calibration (pruned rows): {calib.get('n_samples')} windows x {calib.get('seqlen')} tokens from
   {calib.get('source')} (`{calib.get('path')}`, sha256 `{str(calib.get('sha256'))[:16]}...`), seed {calib.get('seed')},
   the same windows for every method. Comparison groups: Wanda per output row, RIA and CRePE per layer.
-- CRePE coefficients: {json.dumps(crepe_params)}.
+- CRePE coefficients: {crepe_params}.
 - Machine: {result['machine']['platform']}, {result['machine']['cpu_threads']} threads; torch
   {result['versions']['torch']}, transformers {result['versions']['transformers']}; crepe code
   `{result['code'].get('git_sha') or result['code']['source_sha256'][:16]}`.
@@ -259,6 +290,10 @@ the six tasks (the Wanda/RIA convention, spec §14.2).
 | method | pattern | achieved sparsity | prune seconds | zero-shot seconds | CRePE coefficients from |
 |---|---|---:|---:|---:|---|
 {runs}
+
+## What this shows (computed from the rows above)
+
+{findings}
 
 ## Reading these numbers
 
@@ -281,7 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     from crepe.io import write_json_atomic, write_text_atomic
 
     try:
-        result = run(args)
+        if args.rewrite:
+            if not Path(args.json).is_file():
+                raise CrepeError(f"--rewrite needs the JSON of a finished run at --json {args.json}; run without --rewrite")
+            result = json.loads(Path(args.json).read_text())
+        else:
+            result = run(args)
     except CrepeError as exc:
         sys.stderr.write(f"crepe: error: {exc}\n")
         return 2

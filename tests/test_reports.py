@@ -70,3 +70,22 @@ def test_constant_proxies_are_named(tmp_path):
     (study / "proxy_study.json").write_text(json.dumps({"rows": rows}))
     assert _constant_proxies(tmp_path, "2-4", NAMES) == {"outlier": 1.0, "outlier_pruned": 0.0}
     assert _constant_proxies(tmp_path, "50pct", NAMES) == {}
+
+
+def _zs(method, pattern, avg, params=None):
+    return {"method": method, "pattern": pattern, "params": params or {}, "zero_shot": {"average_acc": avg}}
+
+
+def test_zero_shot_findings_compare_with_dense_and_noise():
+    from flows.zeroshot_table import _findings as zs_findings
+
+    ria_point = {"alpha": 1.0, "beta": 1.0, "gamma": 0.0}
+    rows = [_zs("dense", "-", 0.40), _zs("wanda", "50%", 0.38), _zs("ria", "50%", 0.30),
+            _zs("crepe", "50%", 0.30, ria_point), _zs("ria", "2:4", 0.33), _zs("crepe", "2:4", 0.34, {"gamma": 1e-4})]
+    text = zs_findings(rows, 4.0)
+    lines = text.splitlines()
+    assert lines[0].startswith("- 50%: the highest average acc is wanda (38.00)")
+    assert "wanda -2.00, ria -10.00, crepe -10.00 points vs dense" in lines[0]
+    assert "spread between methods is 8.00 points, above the noise" in lines[0] and "CRePE is RIA here" in lines[0]
+    assert "highest average acc is crepe (34.00)" in lines[1] and "within the noise" in lines[1]
+    assert "CRePE is RIA" not in lines[1]
