@@ -29,6 +29,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from crepe.errors import CrepeError
 from flows.config import PipelineConfig, load_config
 from tasks import pipeline as T
+from tasks.transfer import transfer_table
 
 DASK_PROBE_S = 3.0
 STEPS = ("search", "prune", "evaluate", "release")  # `crepe pipeline --until STEP`; release = the whole flow
@@ -305,6 +306,10 @@ def transfer(source_model: str, source_pattern: str, targets: Sequence[str], pat
                 found = _search(own, inputs, calib)
                 rows.append(_target_row(own, "own PHO", found["winner"]["params"]))
     path = base.resolve_path(out)
-    _call(T.transfer_table, base, rows, str(path), source_model, source_pattern)
+    command = ("crepe transfer --source-model " + source_model + " --source-pattern " + source_pattern
+               + " --targets " + ",".join(targets) + " --patterns " + ",".join(patterns)
+               + (" --with-pho" if with_pho else "") + (f" --params {params}" if params != "params.yaml" else "")
+               + "".join(f" -S {o}" for o in overrides) + f" --out {out}")
+    _call(transfer_table, base, rows, str(path), source_model, source_pattern, best, command)
     say(f"transfer table written to {path}")
     return rows

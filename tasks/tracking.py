@@ -1100,12 +1100,14 @@ class Tracker:
             "method": r.data.tags.get(f"{TAG_PREFIX}method", "crepe"),
         }
 
-    def log_transfer_table(self, run: RunLike, rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    def log_transfer_table(self, run: RunLike, rows: Sequence[Mapping[str, Any]], path: str | Path,
+                           preamble: str = "") -> Path:
         """Write the transfer table ``rows`` to ``path`` and log it (and a JSON copy) under ``transfer/``.
 
         The format follows the suffix: ``.md`` (a markdown table), ``.csv`` or ``.json``; columns are the
         rows' keys in first-seen order, nested values as JSON, floats with 4 decimals in markdown. The
-        file is written atomically even when tracking is disabled (it also goes to ``docs/``).
+        file is written atomically even when tracking is disabled (it also goes to ``docs/``). ``preamble``
+        (markdown only) precedes the table: a heading, the context and a summary.
         """
         from crepe.io import write_json_atomic, write_text_atomic
 
@@ -1117,7 +1119,7 @@ class Tracker:
         elif suffix == ".csv":
             write_text_atomic(out, render_csv(rows))
         elif suffix in (".md", ".markdown"):
-            write_text_atomic(out, render_markdown(rows))
+            write_text_atomic(out, preamble + render_markdown(rows))
         else:
             raise CrepeError(f"transfer table path {out} must end in .md, .csv or .json")
         rid = _rid(run)

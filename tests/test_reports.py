@@ -89,3 +89,21 @@ def test_zero_shot_findings_compare_with_dense_and_noise():
     assert "spread between methods is 8.00 points, above the noise" in lines[0] and "CRePE is RIA here" in lines[0]
     assert "highest average acc is crepe (34.00)" in lines[1] and "within the noise" in lines[1]
     assert "CRePE is RIA" not in lines[1]
+
+
+def test_transfer_summary_compares_with_ria_and_own_pho():
+    from tasks.transfer import transfer_summary
+
+    rows = [
+        {"model": "m", "pattern": "2:4", "config": "ria", "params": {}, "test_ppl": 200.0},
+        {"model": "m", "pattern": "2:4", "config": "transfer from s 2:4", "params": {}, "test_ppl": 190.0},
+        {"model": "m", "pattern": "2:4", "config": "own PHO", "params": {}, "test_ppl": 180.0},
+        {"model": "g", "pattern": "4:8", "config": "ria", "params": {}, "test_ppl": 100.0},
+        {"model": "g", "pattern": "4:8", "config": "transfer from s 2:4", "params": {}, "test_ppl": 110.0},
+    ]
+    lines = transfer_summary(rows)
+    assert lines == [
+        "- m at 2:4: transferred 190.00 vs RIA 200.00 (-5.00%, better than RIA); the target's own PHO 180.00 "
+        "(+5.56% for the transfer).",
+        "- g at 4:8: transferred 110.00 vs RIA 100.00 (+10.00%, not better than RIA).",
+    ]
