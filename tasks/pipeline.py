@@ -613,18 +613,3 @@ def export(cfg: Any, step: str, path: str, search: dict[str, Any] | None = None,
         assert evaluation is not None and pruned is not None
         write_json_atomic(target, evaluation_metrics(evaluation, pruned))
     return str(target)
-
-
-@task(name="transfer-table", cache_policy=NO_CACHE)
-def transfer_table(cfg: Any, rows: list[dict[str, Any]], path: str, source_model: str,
-                   source_pattern: str) -> str:
-    """Write the transfer table to ``path`` (markdown) and, with tracking on, log it in a ``transfer`` run."""
-    from tasks.tracking import Tracker
-
-    tracker = Tracker(cfg.tracking_uri(), cfg.project_root, enabled=cfg.tracking.enabled,
-                      experiment=cfg.tracking.experiment)
-    with tracker.pipeline_run(source_model, f"transfer {source_model} {source_pattern}",
-                              {"source_model": source_model, "source_pattern": source_pattern},
-                              kind="transfer", pattern=source_pattern) as run:
-        tracker.log_transfer_table(run, rows, path)
-    return path
