@@ -59,8 +59,9 @@ pho-report: setup  ## docs/pho.md: proxy study, PHO per sampler, RIA/Wanda, hill
 	$(OFFLINE) $(PY) -m bench.pho_report
 
 # CRePE's coefficients in the zero-shot table: the PHO winners of `make pho-report` when they exist
-PHO_WINNERS := $(foreach p,50pct:0.5 2-4:2:4,$(if $(wildcard runs/pho-report/$(word 1,$(subst :, ,$(p)))/pho-cmaes/pho.json),\
-	--crepe-params $(patsubst $(word 1,$(subst :, ,$(p))):%,%,$(p))=runs/pho-report/$(word 1,$(subst :, ,$(p)))/pho-cmaes/pho.json))
+PHO_50 := runs/pho-report/50pct/pho-cmaes/pho.json
+PHO_24 := runs/pho-report/2-4/pho-cmaes/pho.json
+PHO_WINNERS := $(if $(wildcard $(PHO_50)),--crepe-params 0.5=$(PHO_50)) $(if $(wildcard $(PHO_24)),--crepe-params 2:4=$(PHO_24))
 
 zeroshot: setup  ## docs/zeroshot.md: dense/Wanda/RIA/CRePE at 50% and 2:4 (CRePE from PHO when run)
 	$(OFFLINE) $(PY) -m flows.zeroshot_table $(PHO_WINNERS)

@@ -26,8 +26,6 @@ a constant shared by every block, to which both statistics are invariant.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from torch import nn
 
 from crepe.blocks import capture_inputs, find_blocks, model_device, prunable_linears, run_block
 from crepe.errors import CrepeError
+from crepe.io import save_figure_atomic
 
 ALLOCATORS: tuple[str, ...] = ("owl", "alpha", "dlp")
 # OWL: M = 5, lambda = 0.08 is the README/paper setting for unstructured pruning (the argparse
@@ -435,14 +434,4 @@ def plot_ratios(
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target_path.name}.", suffix=".png", dir=target_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=100)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target_path
+    return save_figure_atomic(fig, target_path, dpi=100)

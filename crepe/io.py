@@ -58,20 +58,48 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path``, fsync, then rename over it."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path``, fsync, then rename over it (never half-written)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Atomic text write (UTF-8; see :func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def save_figure_atomic(fig: Any, path: str | Path, **savefig_kwargs: Any) -> Path:
+    """Render a matplotlib figure as PNG in memory and write it atomically to ``path``."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kwargs)
+    write_bytes_atomic(path, buf.getvalue())
+    return Path(path)
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """The JSON content of ``path``; a missing file or invalid JSON is a CrepeError naming ``what``."""
+    from crepe.errors import CrepeError
+
+    file = Path(path)
+    if not file.is_file():
+        raise CrepeError(f"{what} {file} does not exist")
+    try:
+        return json.loads(file.read_text())
+    except ValueError as exc:
+        raise CrepeError(f"{what} {file} is not valid JSON ({exc})") from None
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

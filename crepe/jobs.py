@@ -7,7 +7,6 @@ and writes artifacts atomically (a temp folder renamed into place).
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import time
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import torch
 from crepe import data as data_mod
 from crepe.errors import CrepeError
 from crepe.evaluate import perplexity
-from crepe.io import atomic_dir, dir_is_nonempty, sha256_file, write_json_atomic
+from crepe.io import atomic_dir, dir_is_nonempty, read_json, sha256_file, write_json_atomic
 from crepe.methods import get_method, resolve_method_params
 from crepe.models import DEFAULT_MODEL, LoadedModel, load_model
 from crepe.provenance import code_version, command_line, machine, package_versions
@@ -129,12 +128,7 @@ def _check_crepe_params(p: dict[str, Any]) -> None:
 def load_params_file(path: str | Path, method: str) -> dict[str, Any]:
     """Coefficients from a JSON file: a search result (``winner.params``), ``{"params": ...}`` or flat."""
     file = Path(path)
-    if not file.is_file():
-        raise CrepeError(f"params file {file} does not exist")
-    try:
-        raw = json.loads(file.read_text())
-    except ValueError as exc:
-        raise CrepeError(f"params file {file} is not valid JSON ({exc})") from None
+    raw = read_json(file, "params file")
     if isinstance(raw, dict) and isinstance(raw.get("winner"), dict):
         raw = raw["winner"]
     if isinstance(raw, dict) and isinstance(raw.get("params"), dict):

@@ -36,7 +36,7 @@ from torch import nn
 
 from crepe.blocks import find_blocks, model_device, prunable_linears
 from crepe.errors import CrepeError
-from crepe.io import atomic_dir, dir_is_nonempty, sha256_file, write_json_atomic, write_text_atomic
+from crepe.io import atomic_dir, dir_is_nonempty, read_json, sha256_file, write_json_atomic, write_text_atomic
 from crepe.masks import measure_sparsity
 from crepe.provenance import PACKAGES, code_version, machine, package_versions
 from crepe.types import NMPattern, parse_sparsity
@@ -125,12 +125,7 @@ def search_reference(path: str | Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
     file = Path(path)
-    if not file.is_file():
-        raise CrepeError(f"search summary {file} does not exist")
-    try:
-        summary = json.loads(file.read_text())
-    except ValueError as exc:
-        raise CrepeError(f"search summary {file} is not valid JSON ({exc})") from None
+    summary = read_json(file, "search summary")
     winner = summary.get("winner") if isinstance(summary, dict) else None
     return {"path": str(file), "sha256": sha256_file(file), "winner": winner}
 

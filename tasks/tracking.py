@@ -713,13 +713,10 @@ class Tracker:
         Understands ``crepe_release.json`` (``sparsity.overall``, ``smoke_test.ppl``, ``metrics``) and the
         ``crepe prune`` manifest (``prune.overall_sparsity``, ``evaluation.ppl``); returns the metrics logged.
         """
+        from crepe.io import read_json
+
         path = Path(manifest_path)
-        if not path.is_file():
-            raise CrepeError(f"manifest {path} does not exist; give the JSON file of a release or pruned folder")
-        try:
-            manifest = json.loads(path.read_text())
-        except ValueError:
-            raise CrepeError(f"manifest {path} is not valid JSON") from None
+        manifest = read_json(path, "manifest")
         self.log_artifact(run, path, artifact_path)
         return self.log_metrics(run, manifest_metrics(manifest))
 

@@ -54,7 +54,7 @@ def transfer_preamble(cfg: Any, rows: Sequence[Mapping[str, Any]], source_model:
     if source:
         p = source.get("params", {})
         src = (f"Source: the best PHO result recorded in MLflow for `{source_model}` at {source_pattern} "
-               f"(run `{source.get('run_id')}`, validation PPL {source.get('validation_ppl'):.4f}): "
+               f"(run `{source.get('run_id')}`, validation PPL {source.get('validation_ppl', float('nan')):.4f}): "
                f"α={p.get('alpha')}, β={p.get('beta')}, γ={p.get('gamma')}, K={p.get('kernel_size')}.\n\n")
     summary = transfer_summary(rows)
     return (

@@ -20,8 +20,6 @@ Each job writes into an output folder:
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +32,7 @@ import torch
 from crepe import data as data_mod
 from crepe.blocks import find_blocks, prunable_linears
 from crepe.errors import CrepeError
-from crepe.io import write_json_atomic
+from crepe.io import save_figure_atomic, write_json_atomic
 from crepe.jobs import Budget, _provenance, calibrate, evaluate_loaded
 from crepe.models import LoadedModel, load_model
 from crepe.pruner import PruneConfig, prune_model
@@ -224,15 +222,7 @@ class SearchContext:
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_figure_atomic(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _figure(ncols: int = 1) -> tuple[Any, Any]:
