@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from crepe.blocks import capture_inputs, find_blocks, model_device, prunable_linears, run_block
+from crepe.blocks import capture_inputs, find_blocks, model_device, run_block
+from crepe.stats import BlockStats
+from crepe.weights import prunable_weights
 from crepe.errors import CrepeError
 from crepe.io import save_figure_atomic
 
@@ -262,9 +264,9 @@ def esd_alpha_from_eigenvalues(eigs: torch.Tensor, metric: str = "alpha_peak", b
 
 
 def block_param_counts(model: nn.Module, blocks_path: str | None = None) -> list[int]:
-    """Prunable parameters (weights of the block's ``nn.Linear`` layers) per decoder block."""
+    """Prunable parameters (the block's weight matrices crepe prunes) per decoder block."""
     _, blocks = find_blocks(model, blocks_path)
-    return [sum(m.weight.numel() for m in prunable_linears(b).values()) for b in blocks]
+    return [sum(w.numel for w in prunable_weights(b).values()) for b in blocks]
 
 
 @torch.no_grad()
@@ -275,32 +277,18 @@ def block_esd_metrics(
     _, blocks = find_blocks(model, blocks_path)
     out = []
     for block in blocks:
-        linears = prunable_linears(block)
+        linears = prunable_weights(block)
         if not linears:
-            raise CrepeError("a decoder block contains no nn.Linear layers to measure")
+            raise CrepeError("a decoder block contains no weight matrices to measure")
         values = [
-            esd_alpha(m.weight.to(device) if device is not None else m.weight, metric)
-            for m in linears.values()
+            esd_alpha(w.matrix().to(device) if device is not None else w.matrix(), metric)
+            for w in linears.values()
         ]
         out.append(float(np.mean(values)))
     return out
 
 
 # --- dense calibration statistics (OWL, DLP) ------------------------------------------------------
-
-
-class _SquareSum:
-    """Running float64 sum of squared inputs per input channel; ``norm()`` is ``||X_j||_2``."""
-
-    def __init__(self, width: int, device: torch.device) -> None:
-        self.sq = torch.zeros(width, dtype=torch.float64, device=device)
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        self.sq += (x * x).sum(dim=0).to(torch.float64)
-
-    def norm(self) -> torch.Tensor:
-        return self.sq.sqrt().to(torch.float32)
 
 
 def wanda_block_stats(
@@ -350,24 +338,19 @@ def dense_wanda_stats(
     for i, block in enumerate(blocks):
         home = next(block.parameters()).device
         block.to(dev)
-        linears = prunable_linears(block)
+        linears = prunable_weights(block)
         if not linears:
-            raise CrepeError(f"decoder block {i} contains no nn.Linear layers")
-        accs = {name: _SquareSum(mod.in_features, dev) for name, mod in linears.items()}
-        hooks = [
-            mod.register_forward_hook(lambda _m, inp, _out, acc=accs[name]: acc.add(inp[0]))
-            for name, mod in linears.items()
-        ]
+            raise CrepeError(f"decoder block {i} contains no weight matrices")
+        accs = BlockStats(block, linears, dev, mean_var=False, hessian=False)  # experts: routed tokens
         try:
             outputs = [
                 run_block(block, hidden, inputs.args[i][c], inputs.kwargs[i][c])
                 for c, hidden in enumerate(inputs.hidden)
             ]
         finally:
-            for h in hooks:
-                h.remove()
-        weights = {name: mod.weight.detach() for name, mod in linears.items()}
-        stats.append(wanda_block_stats(weights, {n: a.norm() for n, a in accs.items()}, m))
+            accs.remove()
+        weights = {name: w.matrix().detach() for name, w in linears.items()}
+        stats.append(wanda_block_stats(weights, {n: accs.norms[n].norm() for n in linears}, m))
         inputs.hidden = outputs
         block.to(home)
     return stats

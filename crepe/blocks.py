@@ -71,11 +71,6 @@ def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.Modu
     return name, blocks
 
 
-def prunable_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside a block (exact type, as the official repos' ``find_layers``)."""
-    return {name: m for name, m in block.named_modules() if type(m) is nn.Linear}
-
-
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

@@ -32,6 +32,21 @@ def sha256_folder(
     modification time are unchanged, so a 140 GB checkpoint is read once, not on every load.
     """
     root = Path(path).resolve()
+    names = [
+        f.relative_to(root).as_posix()
+        for f in sorted(p for p in root.rglob("*") if p.is_file())
+        if f.relative_to(root).as_posix() not in exclude and f.name not in exclude
+    ]
+    digest = hashlib.sha256()
+    for rel, sha in sha256_files(root, names, memo).items():
+        digest.update(f"{rel}\0{sha}\n".encode())
+    return digest.hexdigest()
+
+
+def sha256_files(root: str | Path, names: list[str], memo: str | Path | None = None) -> dict[str, str]:
+    """sha256 of each file ``root/name`` (symlinks followed), in the order given, memoised as in
+    :func:`sha256_folder` (the memo key is the path under ``root``, its size and modification time)."""
+    base = Path(root).resolve()
     known: dict[str, str] = {}
     if memo is not None and Path(memo).is_file():
         try:
@@ -39,19 +54,17 @@ def sha256_folder(
         except ValueError:
             known = {}  # a damaged memo only costs a re-hash
     fresh: dict[str, str] = {}
-    digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = file.relative_to(root).as_posix()
-        if rel in exclude or file.name in exclude:
-            continue
+    out: dict[str, str] = {}
+    for rel in names:
+        file = base / rel
         st = file.stat()
         key = f"{file}|{st.st_size}|{st.st_mtime_ns}"
         fresh[key] = known.get(key) or sha256_file(file)
-        digest.update(f"{rel}\0{fresh[key]}\n".encode())
+        out[rel] = fresh[key]
     if memo is not None and any(k not in known for k in fresh):
         merged = {**known, **fresh}  # entries of files that no longer exist are dropped
         write_json_atomic(memo, {k: v for k, v in merged.items() if Path(k.rsplit("|", 2)[0]).exists()})
-    return digest.hexdigest()
+    return out
 
 
 def sha256_text(text: str) -> str:

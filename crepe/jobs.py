@@ -84,6 +84,11 @@ def build_config(
     allocation: str | None = None,
     allocation_params: dict[str, Any] | None = None,
     block_sparsity: list[float] | tuple[float, ...] | None = None,
+    targets: str | None = None,
+    ignore: str | None = None,
+    prune_router: bool = False,
+    moe_min_tokens: int = 16,
+    moe_fallback: str = "all-tokens",
 ) -> PruneConfig:
     """Validate everything about a prune request before any model is loaded.
 
@@ -103,6 +108,11 @@ def build_config(
         allocation=allocation,
         allocation_params=dict(allocation_params or {}),
         block_sparsity=tuple(block_sparsity) if block_sparsity is not None else None,
+        targets=targets or None,
+        ignore=ignore or None,
+        prune_router=prune_router,
+        moe_min_tokens=moe_min_tokens,
+        moe_fallback=moe_fallback,
     )
     config.validate()
     resolved = config.resolved_params()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from crepe.errors import CrepeError
+from crepe.hub import is_hub_spec, resolve_hub
 from crepe.io import atomic_dir, sha256_file, sha256_folder, write_json_atomic
 
 DEFAULT_MODEL = "embedded:smollm2-135m"
@@ -72,7 +73,7 @@ class ModelInfo:
     spec: str
     kind: str  # embedded | hub | local
     path: str  # folder the weights were loaded from
-    content_hash: str  # sha256 of the source (GGUF file, folder contents or hub commit)
+    content_hash: str  # sha256 of the source (GGUF file, folder contents, or hub repo + commit + files)
     dtype: str
     device: str
     offload: bool  # True: weights stay on CPU, one block at a time visits ``device``
@@ -260,7 +261,8 @@ def _check_safetensors_length(file: Path) -> None:
 
 
 def resolve_source(spec: str) -> tuple[str, Path | str, str, dict[str, Any]]:
-    """Map a spec to (kind, folder-or-hub-id, content hash, extra info), converting GGUF if needed."""
+    """Map a spec to (kind, local folder, content hash, extra info), converting GGUF if needed; a hub spec
+    is fetched into (or, offline, found in) the HF cache, see :func:`crepe.hub.resolve_hub`."""
     if not isinstance(spec, str) or not spec.strip():
         raise CrepeError(f"model spec {spec!r} is empty; accepted forms: {SPEC_FORMS}")
     if spec.startswith("embedded:"):
@@ -283,9 +285,10 @@ def resolve_source(spec: str) -> tuple[str, Path | str, str, dict[str, Any]]:
         return "local", folder, digest, (
             {"source": json.loads(src.read_text())} if src.is_file() else {}
         )
-    hub = spec.removeprefix("hf:")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", hub):
-        return "hub", hub, "", {}
+    if is_hub_spec(spec):
+        folder, digest, extra = resolve_hub(spec, memo=cache_dir() / "file-hashes.json")
+        check_model_folder(folder)
+        return "hub", folder, digest, extra
     raise CrepeError(f"unknown model spec {spec!r}; accepted forms: {SPEC_FORMS}")
 
 
@@ -319,13 +322,10 @@ def load_model(
 
     hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar; crepe shows its own
 
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
-    target = str(where)
-    if kind == "hub" and "@" in target:
-        target, kwargs["revision"] = target.split("@", 1)
+    target = str(where)  # always a local folder (a hub model: its snapshot in the HF cache)
     try:
-        model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(target, revision=kwargs.get("revision"))
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(target)
     except (CrepeError, MemoryError, torch.OutOfMemoryError):
         raise  # out of memory is not a bad input: let it surface as such
     except OSError as exc:
@@ -334,8 +334,6 @@ def load_model(
         raise CrepeError(f"could not load model {spec!r} ({type(exc).__name__}: {exc})") from None
     model.eval()
     model.config.use_cache = False
-    if kind == "hub":
-        digest = getattr(model.config, "_commit_hash", None) or "unknown-revision"
     use_offload = (not _fits_on_device(model, dev)) if offload is None else bool(offload)
     if dev.type != "cpu" and not use_offload:
         model.to(dev)

@@ -18,31 +18,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from crepe.blocks import (
-    BlockInputs,
-    capture_inputs,
-    find_blocks,
-    model_device,
-    prunable_linears,
-    run_block,
-)
+from crepe.blocks import BlockInputs, capture_inputs, find_blocks, model_device, run_block
 from crepe.errors import CrepeError
 from crepe.masks import LAYER_RULES, LayerSparsity, measure_sparsity, select_mask
 from crepe.methods import get_method, is_updater, resolve_method_params
 from crepe.refine import DSNOT_REFINES, PERMUTE_REFINES, check_refine, resolve_refine_params
-from crepe.refine.dsnot import MeanVarAccumulator, refine_layer
+from crepe.refine.dsnot import refine_layer
 from crepe.scoring import get_scorer, score
-from crepe.sparsegpt import (
-    HessianAccumulator,
-    check_pattern_blocksize,
-    expected_block_pruned,
-    gram,
-    sparsegpt_prune,
-    sparsegpt_score,
-)
+from crepe.sparsegpt import check_pattern_blocksize, expected_block_pruned, sparsegpt_prune, sparsegpt_score
+from crepe.stats import BlockStats, InputNormAccumulator, LayerStats
 from crepe.types import NMPattern, SparsitySpec, check_group, check_sparsity
+from crepe.weights import BlockWeights, PrunableWeight, block_weights, check_regex
+
+__all__ = ["InputNormAccumulator", "LayerStats", "PruneConfig", "PruneReport", "prune_model", "prune_linear_"]
 
 ALLOCATIONS: tuple[str, ...] = ("owl", "alpha", "dlp")
+MOE_FALLBACKS: tuple[str, ...] = ("all-tokens", "magnitude")
 CALIBRATED_ALLOCATIONS: tuple[str, ...] = ("owl", "dlp")  # AlphaPruning reads only the weights
 
 
@@ -81,6 +72,11 @@ class PruneConfig:
     allocation: str | None = None
     allocation_params: dict[str, Any] = field(default_factory=dict)
     block_sparsity: tuple[float, ...] | None = None
+    targets: str | None = None  # regex over full weight names: prune only matching weights
+    ignore: str | None = None  # regex over full weight names: leave matching weights dense
+    prune_router: bool = False  # MoE router/gate weights are left dense unless True
+    moe_min_tokens: int = 16  # an expert routed fewer calibration tokens follows ``moe_fallback``
+    moe_fallback: str = "all-tokens"  # "all-tokens": calibrate it on every token; "magnitude": |W|
 
     @property
     def reconstructs(self) -> bool:
@@ -170,6 +166,14 @@ class PruneConfig:
                 check_sparsity(value)
         if is_updater(self.method):
             check_pattern_blocksize(pattern, params["blocksize"])
+        check_regex(self.targets, "targets")
+        check_regex(self.ignore, "ignore")
+        if self.moe_fallback not in MOE_FALLBACKS:
+            raise CrepeError(
+                f"unknown MoE fallback {self.moe_fallback!r}; allowed: {', '.join(MOE_FALLBACKS)}"
+            )
+        if isinstance(self.moe_min_tokens, bool) or not isinstance(self.moe_min_tokens, int) or self.moe_min_tokens < 0:
+            raise CrepeError(f"moe_min_tokens must be an integer >= 0, got {self.moe_min_tokens!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -184,23 +188,12 @@ class PruneConfig:
             "allocation": self.allocation,
             "allocation_params": self.resolved_allocation_params(),
             "block_sparsity": list(self.block_sparsity) if self.block_sparsity is not None else None,
+            "targets": self.targets,
+            "ignore": self.ignore,
+            "prune_router": self.prune_router,
+            "moe_min_tokens": self.moe_min_tokens,
+            "moe_fallback": self.moe_fallback,
         }
-
-
-class InputNormAccumulator:
-    """Running sum of squared inputs per input channel (float64); ``norm()`` is ``||X_j||_2``."""
-
-    def __init__(self, in_features: int, device: torch.device) -> None:
-        self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
-        self.n_tokens = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # (tokens, in)
-        self.sq_sum += (x * x).sum(dim=0).to(torch.float64)
-        self.n_tokens += x.shape[0]
-
-    def norm(self) -> torch.Tensor:
-        return self.sq_sum.sqrt().to(torch.float32)
 
 
 @dataclass
@@ -213,6 +206,8 @@ class PruneReport:
     targets: dict[str, float] = field(default_factory=dict)  # per-layer target sparsity (unstructured)
     layer_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # refinement / SparseGPT facts
     block_sparsity: list[float] | None = None  # per-block ratios actually used (allocation or explicit)
+    kinds: dict[str, str] = field(default_factory=dict)  # layer name -> linear | conv1d | expert | router
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # matrices left dense, each with its reason
 
     @property
     def total_zeros(self) -> int:
@@ -249,11 +244,33 @@ class PruneReport:
             out["permuted_layers"] = len(perm)
         return out or None
 
+    def by_kind(self) -> dict[str, dict[str, Any]]:
+        """Zeros and sizes per weight kind (experts apart from the rest), pruned weights only."""
+        out: dict[str, dict[str, Any]] = {}
+        for layer in self.layers:
+            row = out.setdefault(self.kinds.get(layer.name, "linear"), {"n_weights": 0, "zeros": 0, "numel": 0})
+            row["n_weights"] += 1
+            row["zeros"] += layer.n_zeros
+            row["numel"] += layer.numel
+        for row in out.values():
+            row["sparsity"] = row["zeros"] / row["numel"] if row["numel"] else 0.0
+        return dict(sorted(out.items()))
+
+    def all_block_weights(self) -> dict[str, Any]:
+        """Sparsity over every weight matrix in the blocks, the ones left dense included."""
+        zeros = self.total_zeros + sum(s["n_zeros"] for s in self.skipped)
+        numel = self.total_numel + sum(s["numel"] for s in self.skipped)
+        return {"zeros": zeros, "numel": numel, "sparsity": zeros / numel if numel else 0.0,
+                "n_pruned_weights": len(self.layers), "n_skipped_weights": len(self.skipped)}
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "config": self.config,
             "blocks_path": self.blocks_path,
             "n_linears": len(self.layers),
+            "by_kind": self.by_kind(),
+            "all_block_weights": self.all_block_weights(),
+            "skipped": self.skipped,
             "overall_sparsity": self.sparsity,
             "total_zeros": self.total_zeros,
             "total_numel": self.total_numel,
@@ -264,6 +281,7 @@ class PruneReport:
             "layers": [
                 {
                     **layer.as_dict(),
+                    "kind": self.kinds.get(layer.name, "linear"),
                     "mask_pruned": self.mask_pruned.get(layer.name),
                     "target_sparsity": self.targets.get(layer.name),
                     **({"info": self.layer_info[layer.name]} if self.layer_info.get(layer.name) else {}),
@@ -274,34 +292,35 @@ class PruneReport:
         }
 
 
-def check_finite_weights(named: dict[str, nn.Linear]) -> None:
-    for name, module in named.items():
-        if not torch.isfinite(module.weight).all():
+def check_finite_weights(named: dict[str, PrunableWeight]) -> None:
+    for name, w in named.items():
+        if w.param.is_meta:
+            continue  # not materialised yet (streamed model): checked when its block loads
+        if not torch.isfinite(w.matrix()).all():
             raise CrepeError(f"layer {name} has NaN or infinite weights; refusing to prune this model")
 
 
-def check_pattern_fits(named: dict[str, nn.Linear], spec: SparsitySpec) -> None:
+def check_pattern_fits(named: dict[str, PrunableWeight], spec: SparsitySpec) -> None:
     if spec.pattern is None:
         return
-    for name, module in named.items():
-        if module.in_features % spec.pattern.m:
+    for name, w in named.items():
+        if w.in_features % spec.pattern.m:
+            what = {"conv1d": "Conv1D weight", "expert": "expert weight", "router": "router weight"}.get(w.kind, "layer")
             raise CrepeError(
-                f"layer {name} has input width {module.in_features}, not divisible by M="
+                f"{what} {name} has input width {w.in_features}, not divisible by M="
                 f"{spec.pattern.m} of pattern {spec.pattern}; choose a pattern whose M divides it"
             )
 
 
+def _skipped_row(full: str, w: PrunableWeight, reason: str) -> dict[str, Any]:
+    param = w.param.detach()
+    zeros = 0 if param.is_meta else int((param == 0).sum()) if not w.fused else int((w.matrix() == 0).sum())
+    numel = w.numel if w.fused else param.numel()
+    return {"name": full, "kind": w.kind, "shape": list(w.shape) if w.kind != "other" else list(param.shape),
+            "numel": numel, "n_zeros": zeros, "reason": reason}
+
+
 # --- per-layer statistics and pruning --------------------------------------------------------------
-
-
-@dataclass
-class LayerStats:
-    """Calibration statistics of one linear's inputs (from the dense block's forward)."""
-
-    act_norm: torch.Tensor | None = None  # ||X_j||_2
-    mean_prime: torch.Tensor | None = None  # (1/n_seq) sum_t x_tj (DSnoT)
-    var: torch.Tensor | None = None  # per-sequence population variance, token-weighted (DSnoT)
-    hessian: torch.Tensor | None = None  # (2/n_seq) sum X^T X (SparseGPT)
 
 
 @dataclass
@@ -314,57 +333,7 @@ class LayerContext:
     stats: LayerStats | None = None
     info: dict[str, Any] = field(default_factory=dict)
     perm: torch.Tensor | None = None  # channel permutation (new position -> original input)
-
-
-class BlockStats:
-    """Forward hooks on a block's linears accumulating exactly the statistics the config needs.
-
-    Linears fed the same input tensor in one forward (q/k/v, gate/up) share one ``X^T X``.
-    """
-
-    def __init__(self, linears: dict[str, nn.Linear], device: torch.device, mean_var: bool, hessian: bool) -> None:
-        self.norms = {n: InputNormAccumulator(m.in_features, device) for n, m in linears.items()}
-        self.mean_var = {n: MeanVarAccumulator(m.in_features, device) for n, m in linears.items()} if mean_var else {}
-        self.hess = {n: HessianAccumulator(m.in_features, device) for n, m in linears.items()} if hessian else {}
-        self._grams: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._hooks = [m.register_forward_hook(self._hook(n)) for n, m in linears.items()]
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def record(_mod: nn.Module, inp: tuple[Any, ...], _out: Any) -> None:
-            x = inp[0]
-            self.norms[name].add(x)
-            if self.mean_var:
-                self.mean_var[name].add(x)
-            if self.hess:
-                self.hess[name].add(x, self._gram(x))
-
-        return record
-
-    def _gram(self, x: torch.Tensor) -> torch.Tensor:
-        for seen, g in self._grams:  # identity, not equality: the same tensor object in this forward
-            if seen is x:
-                return g
-        g = gram(x)
-        self._grams.append((x, g))
-        return g
-
-    def end_chunk(self) -> None:
-        self._grams.clear()
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._grams.clear()
-
-    def layer(self, name: str) -> LayerStats:
-        mv = self.mean_var.get(name)
-        hs = self.hess.get(name)
-        return LayerStats(
-            act_norm=self.norms[name].norm(),
-            mean_prime=mv.mean_prime() if mv else None,
-            var=mv.var() if mv else None,
-            hessian=hs.hessian() if hs else None,
-        )
+    fallback: str | None = None  # "magnitude": an expert with too few routed tokens is scored by |W|
 
 
 def _jsonable(value: Any) -> Any:
@@ -416,25 +385,41 @@ def _calibration_error(config: PruneConfig) -> str:
     return f"allocation {config.allocation!r} needs calibration data"
 
 
+def as_weight(module: nn.Module | PrunableWeight) -> PrunableWeight:
+    """A bare ``nn.Linear`` as a :class:`PrunableWeight`; a PrunableWeight is returned as is."""
+    if isinstance(module, PrunableWeight):
+        return module
+    return PrunableWeight("", "linear", module)
+
+
 def prune_linear_(
-    module: nn.Linear,
+    module: nn.Module | PrunableWeight,
     config: PruneConfig,
     act_norm: torch.Tensor | None,
     device: torch.device,
     ctx: LayerContext | None = None,
 ) -> int:
-    """Score, mask and zero (or, for SparseGPT, reconstruct) one linear in place.
+    """Score, mask and zero (or, for SparseGPT, reconstruct) one weight matrix in place.
 
-    Returns the number of weights the mask pruned; ``ctx`` carries this block's sparsity, the
-    layer's statistics and receives refinement facts (``ctx.info``) and a channel permutation.
+    ``module`` is an ``nn.Linear`` or any :class:`PrunableWeight` (Conv1D, one expert's slice of a
+    fused tensor, ...), always handled as its ``(out, in)`` view. Returns the number of weights the
+    mask pruned; ``ctx`` carries this block's sparsity, the layer's statistics and receives
+    refinement facts (``ctx.info``) and a channel permutation.
     """
     ctx = ctx if ctx is not None else LayerContext(stats=LayerStats(act_norm=act_norm))
     stats = ctx.stats or LayerStats(act_norm=act_norm)
     spec = config.sparsity
     sparsity = spec.sparsity if ctx.sparsity is None else ctx.sparsity
-    weight = module.weight.data
+    weight = as_weight(module).matrix()
     w = weight.to(device)
     params = config.resolved_params()
+    if ctx.fallback == "magnitude":
+        scores = score("magnitude", w, None)
+        group = "layer" if is_updater(config.method) else config.resolved_group()
+        keep = (select_mask(scores, pattern=spec.pattern) if spec.pattern is not None
+                else select_mask(scores, sparsity, group=group, rule="exact"))
+        weight.masked_fill_(~keep.to(weight.device), 0)
+        return int((~keep).sum())
     if is_updater(config.method):
         if stats.hessian is None:
             raise CrepeError(_calibration_error(config))
@@ -515,6 +500,48 @@ def _block_targets(
     return ratios
 
 
+BlockHook = Callable[[int, nn.Module], None]
+
+
+def model_weights(model: nn.Module, config: PruneConfig, blocks_path: str | None = None) -> tuple[
+    str, nn.ModuleList, list[BlockWeights]
+]:
+    """The blocks and, per block, the weights ``config`` prunes and the ones it leaves dense."""
+    path, blocks = find_blocks(model, blocks_path)
+    per_block = [
+        block_weights(b, f"{path}.{i}.", config.targets, config.ignore, config.prune_router)
+        for i, b in enumerate(blocks)
+    ]
+    if not any(bw.weights for bw in per_block):
+        if any(bw.skipped for bw in per_block):
+            raise CrepeError(
+                f"no weight matrix in the blocks at {path!r} is left to prune (targets={config.targets!r}, "
+                f"ignore={config.ignore!r}); loosen --targets/--ignore"
+            )
+        raise CrepeError(f"the blocks at {path!r} contain no weight matrices (nn.Linear, Conv1D, experts) to prune")
+    return path, blocks, per_block
+
+
+def _moe_fallbacks(stats: BlockStats, weights: dict[str, PrunableWeight], config: PruneConfig) -> dict[str, int]:
+    """Experts the router sent fewer than ``moe_min_tokens`` (and at least one) tokens: name -> tokens."""
+    floor = max(config.moe_min_tokens, 1)
+    return {n: stats.tokens(n) for n, w in weights.items() if w.kind == "expert" and stats.tokens(n) < floor}
+
+
+def _collect_stats(
+    block: nn.Module, weights: dict[str, PrunableWeight], inputs: BlockInputs, i: int, dev: torch.device,
+    want_mean_var: bool, want_hessian: bool, forced: frozenset[str] = frozenset(),
+) -> BlockStats:
+    stats = BlockStats(block, weights, dev, want_mean_var, want_hessian, forced)
+    try:
+        for c, hidden in enumerate(inputs.hidden):
+            run_block(block, hidden, inputs.args[i][c], inputs.kwargs[i][c])
+            stats.end_chunk()
+    finally:
+        stats.remove()
+    return stats
+
+
 @torch.no_grad()
 def prune_model(
     model: nn.Module,
@@ -524,22 +551,25 @@ def prune_model(
     blocks_path: str | None = None,
     batch_size: int = 8,
     progress: ProgressFn | None = None,
+    on_block_start: BlockHook | None = None,
+    on_block_end: BlockHook | None = None,
 ) -> PruneReport:
-    """Prune every linear in the decoder blocks of ``model`` in place and return a report.
+    """Prune every weight matrix in the decoder blocks of ``model`` in place and return a report.
 
     ``calib_ids`` (n, seqlen) token windows are required for activation-aware methods, SparseGPT,
     DSnoT and the OWL/DLP allocations. ``device`` is the compute device (default: where the model's
     weights are); blocks that live elsewhere are moved there one at a time and moved back after
-    pruning. Every check runs before the first weight changes.
+    pruning. Every check that the weights' shapes allow runs before the first weight changes.
+
+    ``on_block_start(i, block)`` runs before block ``i`` is used (a streamed model materialises it
+    there; block 0 is started before the calibration capture); ``on_block_end(i, block)`` runs after
+    block ``i`` is pruned, measured and has produced the next block's inputs (write it, free it).
+    Weight matrices prunes exclude (router, ``ignore``, ``targets``) are listed in ``report.skipped``.
     """
     started = time.perf_counter()
     config.validate()
-    path, blocks = find_blocks(model, blocks_path)
-    named = {
-        f"{path}.{i}.{name}": m for i, b in enumerate(blocks) for name, m in prunable_linears(b).items()
-    }
-    if not named:
-        raise CrepeError(f"the blocks at {path!r} contain no nn.Linear layers to prune")
+    path, blocks, per_block = model_weights(model, config, blocks_path)
+    named = {f"{path}.{i}.{n}": w for i, bw in enumerate(per_block) for n, w in bw.weights.items()}
     check_finite_weights(named)
     check_pattern_fits(named, config.sparsity)
     dev = torch.device(device) if device is not None else model_device(model)
@@ -555,6 +585,11 @@ def prune_model(
             )
     if config.refine in PERMUTE_REFINES:
         _permuted_mask_fn(config)  # fail before any work when the module is missing
+    if (on_block_start is not None or on_block_end is not None) and config.allocation is not None:
+        raise CrepeError(
+            f"allocation {config.allocation!r} reads every block before pruning and cannot run block by block "
+            "on a streamed model; drop the allocation or raise --max-memory so the model fits"
+        )
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     ratios = _block_targets(model, calib_ids if calibrated else None, config, path, len(blocks), batch_size, dev)
@@ -563,10 +598,16 @@ def prune_model(
     mask_pruned: dict[str, int] = {}
     targets: dict[str, float] = {}
     layer_info: dict[str, dict[str, Any]] = {}
-    perms: dict[str, torch.Tensor] = {}
+    kinds: dict[str, str] = {}
+    layers: list[LayerSparsity] = []
+    skipped: list[dict[str, Any]] = []
     inputs: BlockInputs | None = None
+    started_blocks: set[int] = set()
     if calibrated:
         t0 = time.perf_counter()
+        if on_block_start is not None:
+            on_block_start(0, blocks[0])
+            started_blocks.add(0)
         inputs = capture_inputs(model, blocks, calib_ids, batch_size, dev)
         seconds["capture"] = time.perf_counter() - t0
     want_mean_var = config.refine in DSNOT_REFINES
@@ -575,25 +616,38 @@ def prune_model(
     for i, block in enumerate(blocks):
         if progress:
             progress(i, len(blocks), f"block {i}")
+        if on_block_start is not None and i not in started_blocks:
+            on_block_start(i, block)
+        weights = per_block[i].weights
+        if on_block_start is not None:  # materialised only now
+            check_finite_weights({f"{path}.{i}.{n}": w for n, w in weights.items()})
         home = next(block.parameters()).device
         block.to(dev)
-        linears = prunable_linears(block)
         stats: BlockStats | None = None
+        fallbacks: dict[str, int] = {}
         if inputs is not None:
-            stats = BlockStats(linears, dev, want_mean_var, want_hessian)
-            try:
-                for c, hidden in enumerate(inputs.hidden):
-                    run_block(block, hidden, inputs.args[i][c], inputs.kwargs[i][c])
-                    stats.end_chunk()
-            finally:
-                stats.remove()
+            stats = _collect_stats(block, weights, inputs, i, dev, want_mean_var, want_hessian)
+            fallbacks = _moe_fallbacks(stats, weights, config)
+            if fallbacks and config.moe_fallback == "all-tokens":
+                forced = {n: weights[n] for n in fallbacks}
+                redo = _collect_stats(block, forced, inputs, i, dev, want_mean_var, want_hessian, frozenset(forced))
+                for n in forced:
+                    stats.replace(n, redo)
         block_sparsity = ratios[i] if ratios is not None else None
         t0 = time.perf_counter()
-        for name, module in linears.items():
+        perms: dict[str, torch.Tensor] = {}
+        for name, w in weights.items():
             full = f"{path}.{i}.{name}"
             layer_stats = stats.layer(name) if stats is not None else LayerStats()
             ctx = LayerContext(full, name, block_sparsity, layer_stats)
-            mask_pruned[full] = prune_linear_(module, config, layer_stats.act_norm, dev, ctx)
+            if name in fallbacks:
+                ctx.info["moe"] = {"routed_tokens": fallbacks[name], "min_tokens": config.moe_min_tokens,
+                                   "rule": config.moe_fallback}
+                ctx.fallback = "magnitude" if config.moe_fallback == "magnitude" else None
+            elif w.kind == "expert" and stats is not None:
+                ctx.info["moe"] = {"routed_tokens": layer_stats.n_tokens}
+            kinds[full] = w.kind
+            mask_pruned[full] = prune_linear_(w, config, layer_stats.act_norm, dev, ctx)
             if config.sparsity.pattern is None:
                 targets[full] = config.sparsity.sparsity if block_sparsity is None else block_sparsity
             if ctx.info:
@@ -607,14 +661,18 @@ def prune_model(
                 for c, hidden in enumerate(inputs.hidden)
             ]
         block.to(home)
+        layers.extend(measure_layer(f"{path}.{i}.{n}", w.matrix(), config.sparsity.pattern, perms.get(f"{path}.{i}.{n}"))
+                      for n, w in weights.items())
+        skipped.extend(_skipped_row(f"{path}.{i}.{n}", w, why) for n, (w, why) in per_block[i].skipped.items())
+        if on_block_end is not None:
+            on_block_end(i, block)
     if progress:
         progress(len(blocks), len(blocks), "done")
     seconds["score_and_mask"] = t_score
     seconds["total"] = time.perf_counter() - started
-    layers = [measure_layer(n, m.weight, config.sparsity.pattern, perms.get(n)) for n, m in named.items()]
     report = PruneReport(
         config.as_dict(), path, layers, mask_pruned, {k: round(v, 3) for k, v in seconds.items()},
-        targets, layer_info, ratios,
+        targets, layer_info, ratios, kinds, skipped,
     )
     verify_report(report, config)
     return report
@@ -628,7 +686,9 @@ def measure_layer(
     return measure_sparsity(name, w[:, perm.to(w.device)] if perm is not None else w, pattern)
 
 
-def expected_pruned(shape: tuple[int, int], config: PruneConfig, sparsity: float | None = None) -> int | None:
+def expected_pruned(
+    shape: tuple[int, int], config: PruneConfig, sparsity: float | None = None, magnitude_fallback: bool = False
+) -> int | None:
     """The exact number of weights the mask must prune, or None when ties make it open (threshold).
 
     ``sparsity`` is the layer's own unstructured target (per-block allocation); default the config's.
@@ -638,6 +698,9 @@ def expected_pruned(shape: tuple[int, int], config: PruneConfig, sparsity: float
     s = spec.sparsity if sparsity is None else sparsity
     if spec.pattern is not None:
         return out_dim * (in_dim // spec.pattern.m) * spec.pattern.n
+    if magnitude_fallback:  # an expert scored by |W| (too few routed tokens): the layer or row rule
+        group = "layer" if is_updater(config.method) else config.resolved_group()
+        return out_dim * int(s * in_dim) if group == "row" else int(s * out_dim * in_dim)
     if config.reconstructs:  # SparseGPT: int(s * out * width) per column block
         return None if config.rule == "threshold" else expected_block_pruned(shape, s, config.resolved_params()["blocksize"])
     if config.resolved_group() == "row":
@@ -650,7 +713,8 @@ def expected_pruned(shape: tuple[int, int], config: PruneConfig, sparsity: float
 def verify_report(report: PruneReport, config: PruneConfig) -> None:
     """Check every layer's pruned count and N:M validity; a failure is a bug, never silently kept."""
     for layer in report.layers:
-        want = expected_pruned(layer.shape, config, report.targets.get(layer.name))
+        fallback = report.layer_info.get(layer.name, {}).get("moe", {}).get("rule") == "magnitude"
+        want = expected_pruned(layer.shape, config, report.targets.get(layer.name), fallback)
         got = report.mask_pruned[layer.name]
         if want is not None and got != want:
             raise RuntimeError(f"internal error: {layer.name} pruned {got} weights, expected exactly {want}")

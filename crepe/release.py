@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from crepe.blocks import find_blocks, model_device, prunable_linears
+from crepe.blocks import find_blocks, model_device
+from crepe.weights import prunable_weights
 from crepe.errors import CrepeError
 from crepe.io import atomic_dir, dir_is_nonempty, read_json, sha256_file, write_json_atomic, write_text_atomic
 from crepe.masks import measure_sparsity
@@ -87,8 +88,8 @@ def measure_layers(model: nn.Module, pattern: NMPattern | None, blocks_path: str
     path, blocks = find_blocks(model, blocks_path)
     layers = []
     for i, block in enumerate(blocks):
-        for name, module in prunable_linears(block).items():
-            layers.append(measure_sparsity(f"{path}.{i}.{name}", module.weight.detach(), pattern))
+        for name, w in prunable_weights(block).items():
+            layers.append(measure_sparsity(f"{path}.{i}.{name}", w.matrix().detach(), pattern))
     zeros = sum(layer.n_zeros for layer in layers)
     numel = sum(layer.numel for layer in layers)
     flags = [layer.nm_valid for layer in layers]
@@ -322,7 +323,8 @@ def render_model_card(record: Mapping[str, Any], fields: Mapping[str, Any]) -> s
         "## What was done",
         "",
         f"- Base model: `{base['spec']}` ({base.get('architecture') or base.get('kind', '')}), content sha256 "
-        f"{_short(base.get('content_hash'))}.",
+        f"{_short(base.get('content_hash'))}"
+        + (f" (hub repo `{hub['repo_id']}` at commit `{hub['commit']}`)" if (hub := base.get("hub")) else "") + ".",
         f"- Method: `{prune['method']}`, {label}"
         + (f", comparison group `{prune['group']}`, selection rule `{prune.get('rule')}`" if prune.get("group") else "")
         + ".",

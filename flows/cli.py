@@ -133,6 +133,14 @@ def _add_refine_args(p: argparse.ArgumentParser) -> None:
                    help="non-uniform per-block sparsity whose mean is --sparsity (unstructured only)")
     g.add_argument("--allocation-param", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="allocation parameter, repeatable (e.g. lambda=0.08, m=5)")
+    w = p.add_argument_group("which weights (matched against full names such as model.layers.0.mlp.experts.down_proj[3])")
+    w.add_argument("--targets", metavar="REGEX", help="prune only the block weights whose name matches (default: all)")
+    w.add_argument("--ignore", metavar="REGEX", help="leave the block weights whose name matches dense (listed in the report)")
+    w.add_argument("--prune-router", action="store_true", help="also prune MoE router/gate weights (default: left dense)")
+    w.add_argument("--moe-min-tokens", type=_nonneg_int, default=16,
+                   help="an expert routed fewer calibration tokens follows --moe-fallback (default 16)")
+    w.add_argument("--moe-fallback", choices=["all-tokens", "magnitude"], default="all-tokens",
+                   help="all-tokens: calibrate a starved expert on every token; magnitude: score it by |W| (default all-tokens)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -448,7 +456,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     config = build_config(args.method, args.sparsity, _method_params(args), args.group, args.rule,
                           refine=args.refine, refine_params=dict(args.refine_param),
-                          allocation=args.allocation, allocation_params=dict(args.allocation_param))
+                          allocation=args.allocation, allocation_params=dict(args.allocation_param),
+                          targets=args.targets, ignore=args.ignore, prune_router=args.prune_router,
+                          moe_min_tokens=args.moe_min_tokens, moe_fallback=args.moe_fallback)
     budget = _budget(args)
     extras = "".join(f" + {x}" for x in (config.refine, config.allocation) if x)
     print(f"[crepe] pruning {args.model} with {args.method}{extras} at {config.sparsity.label} -> {args.out}")
@@ -461,8 +471,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"[crepe] calibration: {calib['n_samples']} x {calib['seqlen']} tokens from {calib['source']} "
               f"({calib['path']}, sha256 {calib['sha256'][:12]}...)")
     per_layer = [layer["sparsity"] for layer in prune["layers"]]
-    print(f"[crepe] {prune['n_linears']} linears pruned, overall sparsity {prune['overall_sparsity']:.4f} "
-          f"(per layer {min(per_layer):.4f}..{max(per_layer):.4f}){nm}")
+    kinds = ", ".join(f"{row['n_weights']} {kind} {row['sparsity']:.4f}" for kind, row in prune["by_kind"].items())
+    print(f"[crepe] {prune['n_linears']} weight matrices pruned ({kinds}), overall sparsity "
+          f"{prune['overall_sparsity']:.4f} (per layer {min(per_layer):.4f}..{max(per_layer):.4f}){nm}")
+    whole = prune["all_block_weights"]
+    if prune["skipped"]:
+        reasons: dict[str, int] = {}
+        for row in prune["skipped"]:
+            reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+        print(f"[crepe] left dense: {len(prune['skipped'])} block weight matrices ("
+              + "; ".join(f"{n} {why}" for why, n in reasons.items())
+              + f"); sparsity over every block weight matrix {whole['sparsity']:.4f} (skipped: see the manifest)")
+    starved = [(n, i["moe"]) for n, i in ((row["name"], row.get("info", {})) for row in prune["layers"])
+               if i.get("moe", {}).get("rule")]
+    if starved:
+        print(f"[crepe] {len(starved)} expert weight(s) got fewer than {config.moe_min_tokens} routed tokens and "
+              f"were calibrated by the {config.moe_fallback} rule (recorded in the manifest)")
     if prune.get("block_sparsity"):
         ratios = prune["block_sparsity"]
         print(f"[crepe] {config.allocation or 'per-block'} sparsity per block {min(ratios):.4f}..{max(ratios):.4f}")

@@ -284,6 +284,12 @@ class PruneSection(_Section):
     group: Literal["row", "layer"] | None = Field(None, description="unstructured comparison group (null: the method's)")
     rule: Literal["exact", "threshold"] = Field("exact", description="unstructured selection rule")
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters (PHO replaces alpha/beta/gamma)")
+    targets: str | None = Field(None, description="regex over full block-weight names: prune only matches (null: all)")
+    ignore: str | None = Field(None, description="regex over full block-weight names: leave matches dense (reported)")
+    prune_router: bool = Field(False, description="also prune MoE router/gate weights")
+    moe_min_tokens: NonNegInt = Field(16, description="an expert routed fewer calibration tokens follows moe_fallback")
+    moe_fallback: Literal["all-tokens", "magnitude"] = Field(
+        "all-tokens", description="all-tokens: calibrate a starved expert on every token; magnitude: score it by |W|")
 
 
 class BoundsSection(_Section):
@@ -535,6 +541,8 @@ class PipelineConfig(_Section):
             refine_params=dict(self.refine.params) if refine != "none" else None,
             allocation=None if allocation == "none" else allocation,
             allocation_params=dict(self.allocation.params) if allocation != "none" else None,
+            targets=self.prune.targets, ignore=self.prune.ignore, prune_router=self.prune.prune_router,
+            moe_min_tokens=self.prune.moe_min_tokens, moe_fallback=self.prune.moe_fallback,
         )
 
     def budget(self, max_windows: Any = "eval") -> Any:

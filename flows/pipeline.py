@@ -27,6 +27,7 @@ from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from crepe.errors import CrepeError
+from crepe.hub import is_hub_spec
 from flows.config import PipelineConfig, load_config
 from tasks import pipeline as T
 from tasks.transfer import transfer_table
@@ -74,28 +75,37 @@ def check_dask_address(address: str, timeout: float = DASK_PROBE_S) -> None:
         ) from None
 
 
-def task_runner(cfg: PipelineConfig) -> Any:
+def task_runner(cfg: PipelineConfig, gpus: Sequence[str] | None = None) -> Any:
     """``runner.backend``: a thread pool of ``max_workers``, or prefect-dask's ``DaskTaskRunner`` on
-    ``runner.dask_address`` (else a LocalCluster of ``max_workers`` processes, one thread each)."""
+    ``runner.dask_address`` (else a local cluster: ``max_workers`` processes with one thread each, or, when
+    ``model.device`` is cuda/auto and GPUs are visible, one pinned worker per GPU, see :mod:`tasks.gpus`).
+    ``gpus``: the visible GPUs' physical ids (default: this machine's)."""
     if cfg.runner.backend == "dask":
         from prefect_dask import DaskTaskRunner
 
+        from tasks.gpus import dask_cluster_spec, spreads, visible_gpus
+
         if cfg.runner.dask_address:
             return DaskTaskRunner(address=cfg.runner.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.runner.max_workers, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
+        gpus = visible_gpus() if gpus is None else list(gpus)
+        return DaskTaskRunner(**dask_cluster_spec(cfg.runner.max_workers,
+                                                  gpus if spreads(cfg.model.device, len(gpus)) else []))
     return ThreadPoolTaskRunner(max_workers=cfg.runner.max_workers)
 
 
 def preflight(cfg: PipelineConfig, tracking: bool = True) -> None:
-    """Checks that must fail fast, before any flow starts: a local model folder exists, MLflow (when the run
-    ``tracking`` and ``tracking.enabled``) and the Dask scheduler are reachable (each failure: one CrepeError
-    sentence)."""
+    """Checks that must fail fast, before any flow starts: a local model folder exists, a hub model (and its
+    revision) resolves (fetched into, or offline found in, the HF cache), MLflow (when the run ``tracking`` and
+    ``tracking.enabled``) and the Dask scheduler are reachable (each failure: one CrepeError sentence)."""
     spec = cfg.model.spec
     if not spec.startswith(("embedded:", "hf:")) and (spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()):
         from crepe.models import check_model_folder
 
         check_model_folder(Path(spec).expanduser())
+    elif is_hub_spec(spec):
+        from crepe.models import resolve_source
+
+        resolve_source(spec)
     if tracking and cfg.tracking.enabled:
         from tasks.tracking import Tracker
 
@@ -152,7 +162,8 @@ def _lineage(cfg: PipelineConfig, inputs: dict, calib: dict, pruned: dict, searc
                "winner": search["winner"], "n_trials": search["n_trials"], "n_verified": search["n_verified"]}
     return {
         "base_model": {"spec": cfg.model.spec, "kind": inputs["model"]["kind"],
-                       "content_hash": inputs["model"]["content_hash"]},
+                       "content_hash": inputs["model"]["content_hash"],
+                       **({"hub": inputs["model"]["hub"]} if "hub" in inputs["model"] else {})},
         "prune": pruned["prune"],
         "refine": {"method": cfg.refine.method, "params": cfg.refine.params},
         "data": {"calibration": calib["info"], "evaluation": inputs["evaluation"]},

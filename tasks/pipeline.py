@@ -165,20 +165,22 @@ def _load_tokens(calib: Mapping[str, Any]) -> Any:
 _LOAD_LOCK = threading.Lock()
 
 
-def _load(cfg: Any, model_path: str) -> Any:
-    """Load a model folder; one load at a time per process (transformers' meta-device initialisation is
-    process-global, so two threads loading at once corrupt each other: "Cannot copy out of meta tensor")."""
+def _load(cfg: Any, model_path: str, device: str | None = None) -> Any:
+    """Load a model folder (on ``device``, default ``model.device``); one load at a time per process
+    (transformers' meta-device initialisation is process-global, so two threads loading at once corrupt
+    each other: "Cannot copy out of meta tensor")."""
     from crepe.models import load_model
 
     with _LOAD_LOCK:
-        return load_model(model_path, dtype=cfg.model.dtype, device=cfg.model.device)
+        return load_model(model_path, dtype=cfg.model.dtype, device=device or cfg.model.device)
 
 
-def _search_context(cfg: Any, model: Mapping[str, Any], calib: Mapping[str, Any], budget: Any) -> Any:
+def _search_context(cfg: Any, model: Mapping[str, Any], calib: Mapping[str, Any], budget: Any,
+                    device: str | None = None) -> Any:
     from crepe.search.runs import SearchContext
 
-    lm = _load(cfg, model["path"])
-    ctx = SearchContext.create(model["path"], cfg.prune.sparsity, budget, cfg.model.dtype, cfg.model.device,
+    lm = _load(cfg, model["path"], device)
+    ctx = SearchContext.create(model["path"], cfg.prune.sparsity, budget, cfg.model.dtype, device or cfg.model.device,
                                cfg.prune.rule, cfg.model.blocks, lm=lm)
     ctx.calibration = (_load_tokens(calib), calib["info"])  # the exact windows of the prepare step
     return ctx
@@ -191,15 +193,15 @@ def _search_context(cfg: Any, model: Mapping[str, Any], calib: Mapping[str, Any]
 def resolve_inputs(cfg: Any) -> dict[str, Any]:
     """Resolve (convert or download) the base model and hash the data the config selects.
 
-    Returns ``{"model": {"spec", "kind", "path", "content_hash"}, "calibration": {...sha256},
+    Returns ``{"model": {"spec", "kind", "path", "content_hash"[, "hub"]}, "calibration": {...sha256},
     "evaluation": {split: {...sha256}}}`` (never cached: this *is* the content identity)."""
     from crepe.models import resolve_source
     from flows.prepare import prepare_inputs
 
     limit_threads(cfg)
-    inputs = prepare_inputs(cfg)
-    kind, where, digest, _ = resolve_source(cfg.model.spec)
-    inputs["model"]["path"] = str(where)
+    resolved = resolve_source(cfg.model.spec)
+    inputs = prepare_inputs(cfg, resolved)
+    inputs["model"]["path"] = str(resolved[1])
     return inputs
 
 
@@ -288,12 +290,21 @@ def verify_candidate(cfg: Any, model: dict[str, Any], model_hash: str, calib: di
                      index: int, params: dict[str, Any]) -> dict[str, Any]:
     """PHO stage 2 for one candidate: prune the whole model with CRePE(``params``) and measure the
     ``pho.verify_split`` perplexity. Returns ``{"index", "params", "ppl", "seconds"}`` (``ppl`` None
-    when non-finite)."""
+    when non-finite). On GPUs the candidate runs on ``cuda:<index mod n>`` of the GPUs it sees (one, pinned,
+    in a Dask GPU worker) and holds that GPU's Prefect concurrency slot (:mod:`tasks.gpus`); without
+    GPUs, on ``model.device``."""
+    from tasks.gpus import candidate_device, gpu_slot, visible_gpus
+
     started = _computed("verify-candidate")
     limit_threads(cfg)
-    ctx = _search_context(cfg, model, calib, cfg.pho_budget())
-    start = time.perf_counter()
-    ppl = float(evaluate_candidate(ctx, params, cfg.pho.verify_split))
+    visible = visible_gpus()
+    device = candidate_device(cfg.model.device, index, len(visible))
+    with gpu_slot(device, visible) as gpu:
+        if gpu is not None:
+            _task_log(f"verify-candidate-gpu\t{os.getpid()}\t{gpu}")  # 3 fields: not a task start or end
+        ctx = _search_context(cfg, model, calib, cfg.pho_budget(), device)
+        start = time.perf_counter()
+        ppl = float(evaluate_candidate(ctx, params, cfg.pho.verify_split))
     result = {"index": index, "params": dict(params), "ppl": ppl if math.isfinite(ppl) else None,
               "seconds": time.perf_counter() - start}
     return _finished(started, result)
@@ -377,7 +388,8 @@ def final_prune(cfg: Any, model: dict[str, Any], model_hash: str, calib: dict[st
                                              cfg.section_hash("refine"), cfg.section_hash("allocation"), params)
     manifest = {
         "kind": "crepe-pruned-model",
-        "model": {"spec": cfg.model.spec, "content_hash": model_hash, "dtype": cfg.model.dtype},
+        "model": {"spec": cfg.model.spec, "content_hash": model_hash, "dtype": cfg.model.dtype,
+                  **({"hub": model["hub"]} if "hub" in model else {})},
         "prune": {**summary, "config": full["config"],
                   "layers": [{k: layer[k] for k in ("name", "shape", "zeros", "numel", "sparsity", "nm_valid")}
                              for layer in full["layers"]]},

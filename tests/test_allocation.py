@@ -31,7 +31,12 @@ from crepe.allocation import (
     wanda_block_stats,
     weighted_mean,
 )
-from crepe.blocks import find_blocks, prunable_linears
+from crepe.blocks import find_blocks
+
+
+def prunable_linears(block):
+    """Independent reference: every nn.Linear of a (dense, non-MoE) block."""
+    return {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
 from crepe.errors import CrepeError
 
 FAST = settings(deadline=None, max_examples=60)

@@ -9,10 +9,10 @@ import torch
 from tiny_models import ARCHS, build
 from torch import nn
 
+from crepe.weights import prunable_weights
 from crepe.blocks import (
     capture_inputs,
     find_blocks,
-    prunable_linears,
     run_block,
 )
 from crepe.errors import CrepeError
@@ -136,13 +136,14 @@ def test_find_blocks_model_without_blocks_raises(model: nn.Module) -> None:
         find_blocks(model)
 
 
-def test_prunable_linears_are_the_seven_projections(tiny_model: nn.Module) -> None:
+def test_prunable_weights_are_the_seven_projections(tiny_model: nn.Module) -> None:
     _, blocks = find_blocks(tiny_model)
     for block in blocks:
-        linears = prunable_linears(block)
-        assert set(linears) == LINEAR_NAMES
-        assert all(type(m) is nn.Linear for m in linears.values())
-        assert all(linears[n] is block.get_submodule(n) for n in LINEAR_NAMES)
+        weights = prunable_weights(block)
+        assert set(weights) == LINEAR_NAMES
+        assert all(w.kind == "linear" and type(w.module) is nn.Linear for w in weights.values())
+        assert all(weights[n].module is block.get_submodule(n) for n in LINEAR_NAMES)
+        assert all(weights[n].matrix().data_ptr() == block.get_submodule(n).weight.data_ptr() for n in LINEAR_NAMES)
 
 
 # --- capture + replay --------------------------------------------------------------------------

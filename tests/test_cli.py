@@ -53,7 +53,7 @@ def test_prune_writes_loadable_folder_and_manifest(tiny, tmp_path, capsys):
                              "--kernel-size", "3", "--gamma", "0.1", "--out", str(out), "--eval-split",
                              "validation", *HERMETIC], capsys)
     assert code == 0, err
-    assert "14 linears pruned" in stdout
+    assert "14 weight matrices pruned (14 linear 0.5000)" in stdout
     assert "calibration: 4 x 32 tokens from pydoc" in stdout
     manifest = json.loads((out / "crepe_manifest.json").read_text())
     assert manifest["prune"]["config"]["method"] == "crepe"

@@ -130,10 +130,15 @@ def test_select_nm_golden_1_4_and_3_4_count_zeros():
 
 
 def test_select_nm_golden_groups_along_input_not_output():
-    s = t([[1, 9, 9, 9], [9, 1, 9, 9], [9, 9, 1, 9], [9, 9, 9, 1]])
-    # 1:4 along each row drops the diagonal 1s; groups down a column would drop other cells
-    expected = ~torch.eye(4, dtype=torch.bool)
-    assert torch.equal(select_nm(s, NMPattern(1, 4)), expected)
+    # (out=4, in=8): scores rise down every column, so groups of 4 taken along the output dimension
+    # (dim 0) would drop rows 0 and 1 in every column; along the input, each row drops its two lowest
+    # of every 4 consecutive inputs, the same columns in every row
+    s = t([[1, 2, 7, 8, 8, 7, 2, 1],
+           [3, 4, 9, 10, 10, 9, 4, 3],
+           [5, 6, 11, 12, 12, 11, 6, 5],
+           [7, 8, 13, 14, 14, 13, 8, 7]])
+    row = [F, F, T, T, T, T, F, F]
+    assert torch.equal(select_nm(s, NMPattern(2, 4)), torch.tensor([row] * 4))
 
 
 def test_select_nm_golden_4_8_ties():

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from crepe.blocks import capture_inputs, find_blocks, model_device, prunable_linears, run_block
+from crepe.blocks import capture_inputs, find_blocks, model_device, run_block
+from crepe.weights import PrunableWeight, prunable_weights
 from crepe.errors import CrepeError
 from crepe.masks import LAYER_RULES, select_mask
 from crepe.neighborhood import check_kernel_size
@@ -28,12 +29,12 @@ SEARCHED_PARAMS = ("alpha", "beta", "gamma", "kernel_size")
 
 def find_target(
     model: nn.Module, module: str = DEFAULT_TARGET, block: int = 0, blocks_path: str | None = None
-) -> nn.Linear:
-    """The linear ``module`` (a name inside one decoder block) of block number ``block``."""
+) -> PrunableWeight:
+    """The weight ``module`` (a name inside one decoder block) of block number ``block``."""
     path, blocks = find_blocks(model, blocks_path)
     if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < len(blocks):
         raise CrepeError(f"block {block!r} does not exist; {path!r} has blocks 0..{len(blocks) - 1}")
-    linears = prunable_linears(blocks[block])
+    linears = prunable_weights(blocks[block])
     if module not in linears:
         raise CrepeError(
             f"block {block} of {path!r} has no linear {module!r}; its linears: {', '.join(linears)}"
@@ -68,8 +69,10 @@ def target_input_norm(
         hidden = [
             run_block(blocks[i], h, inputs.args[i][c], inputs.kwargs[i][c]) for c, h in enumerate(hidden)
         ]
+    if target.fused:
+        raise CrepeError(f"the proxy target {module!r} is a fused expert slice; choose a linear such as {DEFAULT_TARGET!r}")
     acc = InputNormAccumulator(target.in_features, device)
-    handle = target.register_forward_hook(lambda mod, inp, out: acc.add(inp[0]))
+    handle = target.module.register_forward_hook(lambda mod, inp, out: acc.add(inp[0]))
     try:
         for c, h in enumerate(hidden):
             run_block(blocks[block], h, inputs.args[block][c], inputs.kwargs[block][c])

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from crepe import data as data_mod
-from crepe.blocks import find_blocks, prunable_linears
+from crepe.blocks import find_blocks
+from crepe.weights import PrunableWeight, prunable_weights
 from crepe.errors import CrepeError
 from crepe.io import save_figure_atomic, write_json_atomic
 from crepe.jobs import Budget, _provenance, calibrate, evaluate_loaded
@@ -123,23 +124,23 @@ class SearchContext:
         ctx.calibration = calibrate(lm, budget)
         path, block_list = find_blocks(lm.model, blocks)
         for i, block in enumerate(block_list):
-            for name, module in prunable_linears(block).items():
-                ctx._dense[f"{path}.{i}.{name}"] = module.weight.detach().to("cpu", copy=True)
+            for name, w in prunable_weights(block).items():
+                ctx._dense[f"{path}.{i}.{name}"] = w.matrix().detach().to("cpu", copy=True)
         ctx.setup_seconds = time.perf_counter() - started
         return ctx
 
     # -- weights -------------------------------------------------------------------------------
-    def _linears(self) -> dict[str, torch.nn.Linear]:
+    def _linears(self) -> dict[str, PrunableWeight]:
         path, block_list = find_blocks(self.lm.model, self.blocks)
         return {
-            f"{path}.{i}.{name}": m for i, b in enumerate(block_list) for name, m in prunable_linears(b).items()
+            f"{path}.{i}.{name}": w for i, b in enumerate(block_list) for name, w in prunable_weights(b).items()
         }
 
     @torch.no_grad()
     def restore_dense(self) -> None:
         """Copy the dense weights back into every prunable linear (exact)."""
-        for name, module in self._linears().items():
-            module.weight.copy_(self._dense[name])
+        for name, w in self._linears().items():
+            w.matrix().copy_(self._dense[name])
 
     # -- data ----------------------------------------------------------------------------------
     def tokens(self, split: str) -> Any:
@@ -184,7 +185,7 @@ class SearchContext:
     def _target_name(self, module: str, block: int) -> str:
         target = find_target(self.lm.model, module, block, self.blocks)
         for name, m in self._linears().items():
-            if m is target:
+            if m.module is target.module and m.attr == target.attr and m.expert == target.expert:
                 return name
         raise RuntimeError(f"internal error: target {module!r} of block {block} is not a prunable linear")
 
