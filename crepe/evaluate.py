@@ -110,14 +110,23 @@ def perplexity(
 
 
 def _blockwise_logits(
-    model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, blocks_path: str | None
+    model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, blocks_path: str | None,
+    on_block_start: Callable[[int, nn.Module], None] | None = None,
+    on_block_end: Callable[[int, nn.Module], None] | None = None,
 ) -> Iterator[torch.Tensor]:
+    """Logits per chunk, one block at a time; the hooks load and free a streamed block (block 0 before capture)."""
     _, blocks = find_blocks(model, blocks_path)
+    if on_block_start is not None:
+        on_block_start(0, blocks[0])  # the capture's output-type probe runs block 0
     inputs = capture_inputs(model, blocks, windows, batch_size, device)
     hidden = inputs.hidden
     for i, block in enumerate(blocks):
+        if on_block_start is not None and i > 0:
+            on_block_start(i, block)
         home = next(block.parameters()).device
         block.to(device)
         hidden = [run_block(block, h, inputs.args[i][c], inputs.kwargs[i][c]) for c, h in enumerate(hidden)]
         block.to(home)
+        if on_block_end is not None:
+            on_block_end(i, block)
     yield from finish_from_hidden(model, blocks, windows, hidden, batch_size, device, inputs.tuple_output)

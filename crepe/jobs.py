@@ -26,6 +26,7 @@ from crepe.methods import get_method, resolve_method_params
 from crepe.models import DEFAULT_MODEL, LoadedModel, load_model
 from crepe.provenance import code_version, command_line, machine, package_versions
 from crepe.pruner import PruneConfig, PruneReport, prune_model
+from crepe.streaming import load_capped, streamer_of
 from crepe.types import SparsitySpec, parse_sparsity
 
 MANIFEST = "crepe_manifest.json"
@@ -170,9 +171,14 @@ def _provenance() -> dict[str, Any]:
 
 def calibrate(lm: LoadedModel, budget: Budget) -> tuple[torch.Tensor, dict[str, Any]]:
     """The seeded calibration windows of ``budget`` and their provenance (for the manifest)."""
+    return calibrate_tokens(lm.tokenizer, budget)
+
+
+def calibrate_tokens(tokenizer: Any, budget: Budget) -> tuple[torch.Tensor, dict[str, Any]]:
+    """:func:`calibrate` from a tokenizer alone (no model needed)."""
     seed_everything(budget.seed)
     ids, info = data_mod.get_calibration(
-        lm.tokenizer, budget.calib_samples, budget.seqlen, budget.seed, budget.calib_source, budget.data_dir
+        tokenizer, budget.calib_samples, budget.seqlen, budget.seed, budget.calib_source, budget.data_dir
     )
     tokens_sha = hashlib.sha256(ids.cpu().contiguous().numpy().tobytes()).hexdigest()
     return ids, {
@@ -209,6 +215,7 @@ def prune_loaded(
         blocks_path=blocks,
         batch_size=budget.batch_size,
         progress=(lambda i, n, _s: progress("prune", i, n)) if progress else None,
+        **(streamer.hooks() if (streamer := streamer_of(lm)) else {}),
     )
     return report, data_info
 
@@ -219,6 +226,13 @@ def evaluate_loaded(
 ) -> dict[str, Any]:
     """Perplexity of a loaded model on WikiText-2 ``split`` (or the configured fallback)."""
     ids, info = tokens or data_mod.get_eval_tokens(lm.tokenizer, split, budget.eval_source, budget.data_dir)
+    streamer = streamer_of(lm)
+    if streamer is not None:  # blocks read from the shards, one at a time
+        result = streamer.perplexity(
+            ids, budget.eval_len, budget.max_windows, budget.eval_batch_size, lm.info.device,
+            progress=(lambda d, n: progress("eval", d, n)) if progress else None,
+        )
+        return {**result.as_dict(), "split": split, "data": info.as_dict()}
     result = perplexity(
         lm.model,
         ids,
@@ -239,13 +253,14 @@ def save_pruned(
     with atomic_dir(out, overwrite=overwrite) as tmp:
         lm.model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
-        files = {
-            p.relative_to(tmp).as_posix(): sha256_file(p)
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file()
-        }
-        manifest["files"] = files
-        write_json_atomic(tmp / MANIFEST, manifest)
+        return _write_manifest(tmp, manifest)
+
+
+def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """Record the sha256 of every file in ``tmp`` in ``manifest`` and write it there."""
+    files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    manifest["files"] = files
+    write_json_atomic(tmp / MANIFEST, manifest)
     return files
 
 
@@ -260,12 +275,35 @@ def run_prune(
     overwrite: bool = False,
     eval_split: str | None = None,
     progress: Progress | None = None,
+    max_memory: str | int | None = None,
 ) -> dict[str, Any]:
-    """Load ``model``, prune it with ``config``, save it to ``out`` with a manifest; return the manifest."""
+    """Load ``model``, prune it with ``config``, save it to ``out`` with a manifest; return the manifest.
+
+    When the weights do not fit under ``max_memory`` (default: the memory available) the model is
+    streamed (:mod:`crepe.streaming`): each block is read from the shards, pruned and written to ``out``.
+    """
     out_dir = check_out_dir(out, overwrite)
     started = time.perf_counter()
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_capped(model, dtype=dtype, device=device, max_memory=max_memory, blocks_path=blocks)
+    streamer = streamer_of(lm)
+    if streamer is not None:
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            streamer.begin_output(tmp)
+            report, data_info = prune_loaded(lm, config, budget, blocks, progress)
+            streamer.finish_output(lm.tokenizer)
+            manifest = _prune_manifest(lm, report, data_info, budget, eval_split, progress, started)
+            _write_manifest(tmp, manifest)
+        return manifest
     report, data_info = prune_loaded(lm, config, budget, blocks, progress)
+    manifest = _prune_manifest(lm, report, data_info, budget, eval_split, progress, started)
+    save_pruned(lm, out_dir, manifest, overwrite)
+    return manifest
+
+
+def _prune_manifest(
+    lm: LoadedModel, report: PruneReport, data_info: dict[str, Any], budget: Budget, eval_split: str | None,
+    progress: Progress | None, started: float,
+) -> dict[str, Any]:
     manifest: dict[str, Any] = {
         "kind": "crepe-pruned-model",
         "model": lm.info.as_dict(),
@@ -282,7 +320,6 @@ def run_prune(
         **{f"prune_{k}": v for k, v in report.seconds.items()},
         "total": round(time.perf_counter() - started, 3),
     }
-    save_pruned(lm, out_dir, manifest, overwrite)
     return manifest
 
 
@@ -293,8 +330,10 @@ def run_eval(
     dtype: str = "float32",
     device: str = "auto",
     progress: Progress | None = None,
+    max_memory: str | int | None = None,
 ) -> dict[str, Any]:
-    lm = load_model(model, dtype=dtype, device=device)
+    """Perplexity of ``model``; streamed from its shards when it does not fit under ``max_memory``."""
+    lm = load_capped(model, dtype=dtype, device=device, max_memory=max_memory)
     result = evaluate_loaded(lm, budget, split, progress)
     return {"model": lm.info.as_dict(), "perplexity": result, **_provenance()}
 
@@ -311,6 +350,7 @@ def run_zero_shot_job(
     progress: Progress | None = None,
     data_dir: str | None = None,
     pack: bool = True,
+    max_memory: str | int | None = None,
 ) -> dict[str, Any]:
     """Load ``model`` (spec or pruned folder) and score it 0-shot on lm-eval ``tasks`` (spec §14.2).
 
@@ -323,7 +363,12 @@ def run_zero_shot_job(
     zeroshot.check_limit(limit)
     data_dir = data_dir if data_dir is not None else (budget.data_dir if budget else None)
     zeroshot.resolve_sources(names, data_dir)  # a missing file fails here, before loading
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_capped(model, dtype=dtype, device=device, max_memory=max_memory)
+    if streamer_of(lm) is not None:
+        raise CrepeError(
+            f"zero-shot evaluation needs the whole model in memory, and {model!r} does not fit under --max-memory "
+            f"({lm.info.extra['streamed']['weights_bytes'] / 1e9:.2f} GB of weights); raise --max-memory or use perplexity"
+        )
     result: dict[str, Any] = {"model": lm.info.as_dict()}
     result["zero_shot"] = zeroshot.run_zero_shot(
         lm.model, lm.tokenizer, names, limit, batch_size, data_dir, progress=progress, pack=pack

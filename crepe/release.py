@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from crepe.blocks import find_blocks, model_device
-from crepe.weights import prunable_weights
+from crepe.weights import block_weights
 from crepe.errors import CrepeError
 from crepe.io import atomic_dir, dir_is_nonempty, read_json, sha256_file, write_json_atomic, write_text_atomic
 from crepe.masks import measure_sparsity
@@ -83,12 +83,24 @@ class SmokeTest:
 # --- measuring --------------------------------------------------------------------------------------
 
 
-def measure_layers(model: nn.Module, pattern: NMPattern | None, blocks_path: str | None = None) -> dict[str, Any]:
-    """Zeros of every linear in the decoder blocks (named as the pruner names them) and N:M validity."""
+def weight_selection(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Which block weights a prune touched (``targets``, ``ignore``, ``prune_router``), from its config."""
+    config = config or {}
+    return {k: config.get(k) for k in ("targets", "ignore")} | {"prune_router": bool(config.get("prune_router"))}
+
+
+def measure_layers(
+    model: nn.Module, pattern: NMPattern | None, blocks_path: str | None = None,
+    selection: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Zeros of every pruned weight matrix in the decoder blocks (named as the pruner names them, chosen
+    by the prune's ``selection``: see :func:`weight_selection`) and N:M validity."""
     path, blocks = find_blocks(model, blocks_path)
+    sel = weight_selection(selection)
     layers = []
     for i, block in enumerate(blocks):
-        for name, w in prunable_weights(block).items():
+        chosen = block_weights(block, f"{path}.{i}.", sel["targets"], sel["ignore"], sel["prune_router"]).weights
+        for name, w in chosen.items():
             layers.append(measure_sparsity(f"{path}.{i}.{name}", w.matrix().detach(), pattern))
     zeros = sum(layer.n_zeros for layer in layers)
     numel = sum(layer.numel for layer in layers)
@@ -101,6 +113,7 @@ def measure_layers(model: nn.Module, pattern: NMPattern | None, blocks_path: str
         "total_zeros": zeros,
         "total_numel": numel,
         "nm_valid": None if pattern is None else all(flags),
+        "selection": sel,
         "layers": [layer.as_dict() for layer in layers],
     }
 
@@ -194,7 +207,7 @@ def write_release(
 
     prune = manifest["prune"]
     pattern = _declared_pattern(prune)
-    sparsity = measure_layers(model, pattern, blocks_path or manifest.get("blocks_path"))
+    sparsity = measure_layers(model, pattern, blocks_path or manifest.get("blocks_path"), prune.get("config"))
     _check_declared(prune, pattern, sparsity)
     record: dict[str, Any] = {"kind": RELEASE_KIND, "version": RELEASE_VERSION}
     record.update(json.loads(json.dumps(dict(manifest), default=str)))  # a private, JSON-clean copy
@@ -260,6 +273,25 @@ def _data_line(label: str, info: Mapping[str, Any] | None) -> str:
         extra.append(f"split {info['split']}")
     tail = f" ({'; '.join(extra)})" if extra else ""
     return f"- {label}: {info.get('source')} `{info.get('path')}`, sha256 {_short(info.get('sha256'))}{tail}."
+
+
+def _kinds_lines(prune: Mapping[str, Any]) -> list[str]:
+    """The card's lines on weight kinds (experts apart) and on every block matrix left dense."""
+    lines = []
+    kinds = prune.get("by_kind") or {}
+    if kinds:
+        lines.append("- Pruned weight kinds: " + "; ".join(
+            f"{kind} {row['n_weights']} matrices at {row['sparsity']:.4f}" for kind, row in kinds.items()) + ".")
+    skipped = prune.get("skipped") or []
+    if skipped:
+        reasons: dict[str, int] = {}
+        for row in skipped:
+            reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+        whole = prune.get("all_block_weights") or {}
+        lines.append(f"- Left dense: {len(skipped)} block weight matrices ("
+                     + "; ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
+                     + (f"); sparsity over every block weight matrix {whole['sparsity']:.4f}." if whole else ")."))
+    return lines
 
 
 def render_model_card(record: Mapping[str, Any], fields: Mapping[str, Any]) -> str:
@@ -331,9 +363,10 @@ def render_model_card(record: Mapping[str, Any], fields: Mapping[str, Any]) -> s
         f"- Coefficients: {coeffs}; {origin}.",
         f"- Refinement: {(record.get('refine') or {}).get('method', 'none')}; layer-wise allocation: "
         f"{(record.get('allocation') or {}).get('method', 'none')}.",
-        f"- Measured sparsity: {sp['overall']:.4f} over {sp['n_linears']} linear layers of `{sp['blocks_path']}` "
+        f"- Measured sparsity: {sp['overall']:.4f} over {sp['n_linears']} pruned weight matrices of `{sp['blocks_path']}` "
         f"({sp['total_zeros']} zeros of {sp['total_numel']} weights; embeddings, norms and the output head are "
         f"not pruned).{nm}",
+        *_kinds_lines(prune),
         "",
         "## Data",
         "",
@@ -416,19 +449,27 @@ def check_files(folder: Path, manifest_name: str, files: Mapping[str, Any]) -> i
     return len(files)
 
 
-def _recorded_layers(manifest_name: str, manifest: Mapping[str, Any]) -> tuple[list[dict], NMPattern | None, str | None]:
+def _recorded_layers(
+    manifest_name: str, manifest: Mapping[str, Any]
+) -> tuple[list[dict], NMPattern | None, str | None, dict[str, Any]]:
     if manifest_name == RELEASE_MANIFEST:
         sp = manifest.get("sparsity") or {}
         pattern = sp.get("pattern")
-        return list(sp.get("layers") or []), parse_sparsity(pattern).pattern if pattern else None, sp.get("blocks_path")
+        selection = sp.get("selection") or weight_selection((manifest.get("prune") or {}).get("config"))
+        return (list(sp.get("layers") or []), parse_sparsity(pattern).pattern if pattern else None,
+                sp.get("blocks_path"), selection)
     prune = manifest.get("prune") or {}
     pattern = (prune.get("config") or {}).get("pattern")
-    return list(prune.get("layers") or []), parse_sparsity(pattern).pattern if pattern else None, prune.get("blocks_path")
+    return (list(prune.get("layers") or []), parse_sparsity(pattern).pattern if pattern else None,
+            prune.get("blocks_path"), weight_selection(prune.get("config")))
 
 
-def check_sparsity(model: nn.Module, layers: list[dict], pattern: NMPattern | None, blocks_path: str | None) -> dict:
+def check_sparsity(
+    model: nn.Module, layers: list[dict], pattern: NMPattern | None, blocks_path: str | None,
+    selection: Mapping[str, Any] | None = None,
+) -> dict:
     """Each recorded layer has exactly its recorded zeros (and valid N:M groups); no layer is unrecorded."""
-    measured = measure_layers(model, pattern, blocks_path)
+    measured = measure_layers(model, pattern, blocks_path, selection)
     by_name = {layer["name"]: layer for layer in measured["layers"]}
     if not layers:
         raise ReleaseError("the manifest records no pruned layers, so their sparsity cannot be verified")
@@ -494,9 +535,9 @@ def verify_release(
     root = Path(folder)
     name, manifest = _read_manifest(root)
     n_files = check_files(root, name, manifest["files"])
-    layers, pattern, blocks_path = _recorded_layers(name, manifest)
+    layers, pattern, blocks_path, selection = _recorded_layers(name, manifest)
     model, tokenizer = _load(root, device)
-    measured = check_sparsity(model, layers, pattern, blocks_path)
+    measured = check_sparsity(model, layers, pattern, blocks_path, selection)
     ppl = _check_smoke(model, tokenizer, manifest.get("smoke_test"), ppl_rtol, data_dir) if quick_ppl else None
     return {
         "ok": True,

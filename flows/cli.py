@@ -52,6 +52,22 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
+def _memory_size(text: str) -> int:
+    from crepe.errors import CrepeError
+    from crepe.shards import parse_size
+
+    try:
+        return parse_size(text)
+    except CrepeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_max_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", type=_memory_size, metavar="SIZE",
+                   help="host memory the model may use, e.g. 3GB or 512MiB (default: what is available); a model "
+                   "whose weights do not fit is streamed from its shards one decoder block at a time")
+
+
 def _progress_factory(enabled: bool) -> Callable[[str, int, int], None] | None:
     if not enabled:
         return None
@@ -159,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--blocks", help="dotted path of the decoder block list, when auto-detection fails")
     p.add_argument("--eval-split", choices=["test", "validation"], help="also measure perplexity before saving")
+    _add_max_memory(p)
     _add_method_args(p)
     _add_refine_args(p)
     _add_budget_args(p, calib=128, seqlen=2048, windows=None)
@@ -170,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--split", default="test", choices=["test", "validation"])
     p.add_argument("--json", help="also write the result as JSON to this file")
+    _add_max_memory(p)
     g = p.add_argument_group("zero-shot (lm-eval)")
     g.add_argument("--zero-shot", metavar="TASKS",
                    help="comma-separated lm-eval tasks, or all: boolq, rte, mnli, hellaswag, arc_easy, arc_challenge")
@@ -463,7 +481,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     extras = "".join(f" + {x}" for x in (config.refine, config.allocation) if x)
     print(f"[crepe] pruning {args.model} with {args.method}{extras} at {config.sparsity.label} -> {args.out}")
     manifest = run_prune(args.model, config, args.out, budget, args.dtype, args.device, args.blocks,
-                         args.overwrite, args.eval_split, _progress_factory(not args.no_progress))
+                         args.overwrite, args.eval_split, _progress_factory(not args.no_progress),
+                         max_memory=args.max_memory)
     prune = manifest["prune"]
     nm = "" if prune["nm_valid"] is None else f", every {config.sparsity.pattern} group valid: {prune['nm_valid']}"
     calib = manifest["data"]["calibration"]
@@ -515,13 +534,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             ("--no-pack", args.no_pack)):
             if value:
                 raise CrepeError(f"{flag} applies to zero-shot evaluation; add --zero-shot TASKS (e.g. --zero-shot all)")
-        result = run_eval(args.model, budget, args.split, args.dtype, args.device, progress)
+        result = run_eval(args.model, budget, args.split, args.dtype, args.device, progress, max_memory=args.max_memory)
     else:
         from crepe.zeroshot import format_zero_shot_table
 
         result = run_zero_shot_job(args.model, args.zero_shot, args.limit, args.zs_batch_size or args.batch_size,
                                    budget if args.ppl else None, args.split, args.dtype, args.device, progress,
-                                   data_dir=args.data_dir, pack=not args.no_pack)
+                                   data_dir=args.data_dir, pack=not args.no_pack, max_memory=args.max_memory)
         zs = result["zero_shot"]
         sources = " and ".join(sorted({t["source"]["kind"] for t in zs["tasks"].values()}))
         scope = "all documents" if zs["limit"] is None else f"the first {zs['limit']} documents of each task"

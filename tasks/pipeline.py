@@ -391,7 +391,7 @@ def final_prune(cfg: Any, model: dict[str, Any], model_hash: str, calib: dict[st
         "model": {"spec": cfg.model.spec, "content_hash": model_hash, "dtype": cfg.model.dtype,
                   **({"hub": model["hub"]} if "hub" in model else {})},
         "prune": {**summary, "config": full["config"],
-                  "layers": [{k: layer[k] for k in ("name", "shape", "zeros", "numel", "sparsity", "nm_valid")}
+                  "layers": [{k: layer[k] for k in ("name", "kind", "shape", "zeros", "numel", "sparsity", "nm_valid")}
                              for layer in full["layers"]]},
         "data": {"calibration": calib["info"]},
         "seed": cfg.calibration.seed,

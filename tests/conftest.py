@@ -49,3 +49,15 @@ def calib_ids() -> torch.Tensor:
 def eval_ids() -> torch.Tensor:
     """(1, 5 * 16 + 7) seeded token stream: five full windows of 16 plus a dropped remainder."""
     return random_ids(1, EVAL_WINDOWS * EVAL_SEQLEN + EVAL_REMAINDER, seed=4321)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` skip without CUDA; every test in tests/test_gpu.py must carry the marker."""
+    unmarked = [i.nodeid for i in items if i.path.name == "test_gpu.py" and i.get_closest_marker("gpu") is None]
+    if unmarked:
+        raise pytest.UsageError(f"{unmarked[0]} lacks @pytest.mark.gpu; every test in tests/test_gpu.py needs it")
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (gpu marker)")
+        for item in items:
+            if item.get_closest_marker("gpu") is not None:
+                item.add_marker(skip)

@@ -136,7 +136,7 @@ def test_model_card_states_lineage_metrics_and_the_honest_note(release, pruned):
     assert "found by PHO" in card
     assert data["calibration"]["sha256"][:16] in card
     assert "| ppl | 123.25 |" in card and "smoke-test perplexity" in card
-    assert "Measured sparsity: 0.5000 over 14 linear layers" in card
+    assert "Measured sparsity: 0.5000 over 14 pruned weight matrices" in card
     assert "Unstructured sparsity makes the files no smaller and inference no faster in standard runtimes" in card
     assert "only by runtimes that use them" in card
 
