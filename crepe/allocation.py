@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from crepe.blocks import capture_inputs, find_blocks, model_device, run_block
-from crepe.stats import BlockStats
-from crepe.weights import prunable_weights
 from crepe.errors import CrepeError
 from crepe.io import save_figure_atomic
+from crepe.stats import BlockStats
+from crepe.weights import prunable_weights
 
 ALLOCATORS: tuple[str, ...] = ("owl", "alpha", "dlp")
 # OWL: M = 5, lambda = 0.08 is the README/paper setting for unstructured pruning (the argparse

@@ -61,6 +61,15 @@ def _window_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
     return loss.mean(dim=1) * seqlen
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:<current device>`` are one device (``torch.device`` equality says they differ)."""
+
+    def index(d: torch.device) -> int | None:
+        return torch.cuda.current_device() if d.type == "cuda" and d.index is None else d.index
+
+    return a.type == b.type and index(a) == index(b)
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -86,7 +95,7 @@ def perplexity(
     weights_on = next(model.parameters()).device
     dev = torch.device(device) if device is not None else weights_on
     if blockwise is None:
-        blockwise = dev != weights_on
+        blockwise = not same_device(dev, weights_on)
     logits_iter: Iterator[torch.Tensor]
     if blockwise:
         logits_iter = _blockwise_logits(model, windows, batch_size, dev, blocks_path)

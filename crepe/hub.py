@@ -22,6 +22,7 @@ from typing import Any
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
+    HFValidationError,
     IncompleteSnapshotError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
@@ -83,15 +84,19 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     except IncompleteSnapshotError as exc:
         raise CrepeError(f"the cached snapshot of hub model {repo_id} at revision {rev!r} is incomplete "
                          f"({exc.snapshot_path}); download it again with network access") from None
+    except HFValidationError:
+        raise CrepeError(f"{repo_id!r} is not a valid hub repo id (org/name of letters, digits, '-', '_', '.')") \
+            from None
     except (LocalEntryNotFoundError, OSError, ValueError) as exc:
-        why = "HF_HUB_OFFLINE=1 forbids downloading" if _offline() else \
-            f"it could not be downloaded ({type(exc).__name__})"
+        if _offline():
+            why = "HF_HUB_OFFLINE=1 forbids downloading it; download it once with network access or unset HF_HUB_OFFLINE"
+        else:
+            why = f"it could not be downloaded ({type(exc).__name__}); check the network connection"
         if not folder.is_dir():
-            raise CrepeError(f"hub model {repo_id} is not in the HF cache ({folder} does not exist) and {why} it; "
-                             "download it once with network access or unset HF_HUB_OFFLINE") from None
+            raise CrepeError(f"hub model {repo_id} is not in the HF cache ({folder} does not exist) and {why}") \
+                from None
         raise CrepeError(f"revision {rev!r} of hub model {repo_id} is not in the HF cache {folder} (cached: "
-                         f"{', '.join(cached_revisions(folder)) or 'none'}) and {why} it; download it once with "
-                         "network access or choose a cached revision") from None
+                         f"{', '.join(cached_revisions(folder)) or 'none'}) and {why}") from None
 
 
 def cached_revisions(folder: Path) -> list[str]:

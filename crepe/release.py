@@ -35,12 +35,12 @@ import torch
 from torch import nn
 
 from crepe.blocks import find_blocks, model_device
-from crepe.weights import block_weights
 from crepe.errors import CrepeError
 from crepe.io import atomic_dir, dir_is_nonempty, read_json, sha256_file, write_json_atomic, write_text_atomic
 from crepe.masks import measure_sparsity
 from crepe.provenance import PACKAGES, code_version, machine, package_versions
 from crepe.types import NMPattern, parse_sparsity
+from crepe.weights import block_weights
 
 RELEASE_MANIFEST = "crepe_release.json"
 PRUNE_MANIFEST = "crepe_manifest.json"  # what ``crepe prune`` writes; verify_release accepts it too
@@ -91,17 +91,22 @@ def weight_selection(config: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def measure_layers(
     model: nn.Module, pattern: NMPattern | None, blocks_path: str | None = None,
-    selection: Mapping[str, Any] | None = None,
+    selection: Mapping[str, Any] | None = None, streamer: Any = None,
 ) -> dict[str, Any]:
     """Zeros of every pruned weight matrix in the decoder blocks (named as the pruner names them, chosen
-    by the prune's ``selection``: see :func:`weight_selection`) and N:M validity."""
+    by the prune's ``selection``: see :func:`weight_selection`) and N:M validity. With a ``streamer``
+    (:class:`crepe.streaming.Streamer`) each block is read from the shards, measured and freed."""
     path, blocks = find_blocks(model, blocks_path)
     sel = weight_selection(selection)
     layers = []
     for i, block in enumerate(blocks):
+        if streamer is not None:
+            streamer.start_block(i, block)
         chosen = block_weights(block, f"{path}.{i}.", sel["targets"], sel["ignore"], sel["prune_router"]).weights
         for name, w in chosen.items():
             layers.append(measure_sparsity(f"{path}.{i}.{name}", w.matrix().detach(), pattern))
+        if streamer is not None:
+            streamer.end_block(i, block)
     zeros = sum(layer.n_zeros for layer in layers)
     numel = sum(layer.numel for layer in layers)
     flags = [layer.nm_valid for layer in layers]
@@ -118,13 +123,18 @@ def measure_layers(
     }
 
 
-def smoke_perplexity(model: nn.Module, tokenizer: Any, smoke: SmokeTest) -> dict[str, Any]:
-    """Run ``smoke`` on ``model``; the settings, the data actually used (source, path, sha256) and the ppl."""
+def smoke_perplexity(model: nn.Module, tokenizer: Any, smoke: SmokeTest, streamer: Any = None,
+                     device: str | None = None) -> dict[str, Any]:
+    """Run ``smoke`` on ``model`` (streamed block by block with a ``streamer``); the settings, the data
+    actually used (source, path, sha256) and the ppl."""
     from crepe.data import get_eval_tokens
     from crepe.evaluate import perplexity
 
     ids, info = get_eval_tokens(tokenizer, smoke.split, smoke.source, smoke.data_dir)
-    result = perplexity(model, ids, smoke.seqlen, smoke.max_windows, smoke.batch_size, device=model_device(model))
+    if streamer is not None:
+        result = streamer.perplexity(ids, smoke.seqlen, smoke.max_windows, smoke.batch_size, device)
+    else:
+        result = perplexity(model, ids, smoke.seqlen, smoke.max_windows, smoke.batch_size, device=model_device(model))
     return {
         **smoke.settings(),
         "source": smoke.source,
@@ -466,10 +476,10 @@ def _recorded_layers(
 
 def check_sparsity(
     model: nn.Module, layers: list[dict], pattern: NMPattern | None, blocks_path: str | None,
-    selection: Mapping[str, Any] | None = None,
+    selection: Mapping[str, Any] | None = None, streamer: Any = None,
 ) -> dict:
     """Each recorded layer has exactly its recorded zeros (and valid N:M groups); no layer is unrecorded."""
-    measured = measure_layers(model, pattern, blocks_path, selection)
+    measured = measure_layers(model, pattern, blocks_path, selection, streamer)
     by_name = {layer["name"]: layer for layer in measured["layers"]}
     if not layers:
         raise ReleaseError("the manifest records no pruned layers, so their sparsity cannot be verified")
@@ -518,6 +528,7 @@ def verify_release(
     ppl_rtol: float = 0.01,
     device: str | None = None,
     data_dir: str | None = None,
+    max_memory: str | int | None = None,
 ) -> dict[str, Any]:
     """Verify a release folder (or a ``crepe prune`` output folder); return a report, raise on the first problem.
 
@@ -527,7 +538,9 @@ def verify_release(
     3. with ``quick_ppl``: the smoke-test perplexity is finite and, when the same data (same sha256) and
        settings are available, within ``ppl_rtol`` (relative) of the recorded value.
 
-    Raises :class:`ReleaseError` (one sentence). The report holds ``ok``, counts, ``overall_sparsity``,
+    The zeros are counted block by block from the safetensors shards (the model is never built in memory);
+    the smoke test streams the blocks too when the weights do not fit under ``max_memory`` (default: the
+    memory available). Raises :class:`ReleaseError` (one sentence). The report holds ``ok``, counts, ``overall_sparsity``,
     ``nm_valid``, ``ppl`` (the smoke result and whether it was compared) and ``layers`` (name, zeros,
     numel, sparsity) for plots.
     """
@@ -536,9 +549,18 @@ def verify_release(
     name, manifest = _read_manifest(root)
     n_files = check_files(root, name, manifest["files"])
     layers, pattern, blocks_path, selection = _recorded_layers(name, manifest)
-    model, tokenizer = _load(root, device)
-    measured = check_sparsity(model, layers, pattern, blocks_path, selection)
-    ppl = _check_smoke(model, tokenizer, manifest.get("smoke_test"), ppl_rtol, data_dir) if quick_ppl else None
+    from crepe.streaming import build_streamer, folder_streamer
+
+    try:
+        shards = build_streamer(root, None, 2**62, blocks_path, resident=False)
+    except CrepeError as exc:
+        raise ReleaseError(f"the model in {root} cannot be read ({exc})") from None
+    measured = check_sparsity(shards.model, layers, pattern, blocks_path, selection, shards)
+    ppl = None
+    if quick_ppl:
+        streamer = folder_streamer(root, max_memory, blocks_path)
+        model, tokenizer = (streamer.model, _tokenizer(root)) if streamer else _load(root, device)
+        ppl = _check_smoke(model, tokenizer, manifest.get("smoke_test"), ppl_rtol, data_dir, streamer, device)
     return {
         "ok": True,
         "folder": str(root),
@@ -554,8 +576,18 @@ def verify_release(
     }
 
 
+def _tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        raise ReleaseError(f"the tokenizer in {folder} does not load ({type(exc).__name__}: {exc})") from None
+
+
 def _check_smoke(
-    model: nn.Module, tokenizer: Any, recorded: Mapping[str, Any] | None, rtol: float, data_dir: str | None
+    model: nn.Module, tokenizer: Any, recorded: Mapping[str, Any] | None, rtol: float, data_dir: str | None,
+    streamer: Any = None, device: str | None = None,
 ) -> dict[str, Any]:
     if recorded:
         smoke = SmokeTest(recorded["split"], int(recorded["seqlen"]), int(recorded["max_windows"]),
@@ -563,7 +595,7 @@ def _check_smoke(
     else:
         smoke = SmokeTest(data_dir=data_dir)
     try:
-        now = smoke_perplexity(model, tokenizer, smoke)
+        now = smoke_perplexity(model, tokenizer, smoke, streamer, device)
     except CrepeError as exc:
         raise ReleaseError(f"the smoke-test perplexity could not run ({exc})") from None
     if not math.isfinite(now["ppl"]):

@@ -26,10 +26,21 @@ from torch import nn
 from crepe.blocks import find_blocks
 from crepe.errors import CrepeError
 from crepe.evaluate import PerplexityResult, _blockwise_logits, _window_nll, _windows
-from crepe.models import LoadedModel, ModelInfo, dtype_name, load_model, parse_dtype, resolve_device, resolve_source
+from crepe.models import (
+    LoadedModel,
+    ModelInfo,
+    dtype_name,
+    load_model,
+    parse_dtype,
+    resolve_device,
+    resolve_source,
+)
 from crepe.shards import Checkpoint, ShardWriter, format_size, parse_size
 
-__all__ = ["StreamedModel", "Streamer", "available_memory", "build_streamer", "load_capped", "resolve_max_memory"]
+__all__ = [
+    "StreamedModel", "Streamer", "available_memory", "build_streamer", "folder_streamer", "load_capped",
+    "resolve_max_memory", "streamer_of",
+]
 
 
 def available_memory() -> int:
@@ -183,7 +194,7 @@ class Streamer:
         windows, available = _windows(input_ids, seqlen, max_windows)
         if batch_size < 1:
             raise CrepeError(f"batch_size must be >= 1, got {batch_size}")
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = resolve_device(device if device is not None else "cpu")
         per_pass = windows_per_pass or self.windows_per_pass(seqlen, batch_size)
         per_pass = max(per_pass - per_pass % batch_size, batch_size)  # the same forward chunks as in memory
         nll = torch.zeros((), dtype=torch.float64)
@@ -270,6 +281,13 @@ def load_capped(
     kind, where, digest, extra = resolve_source(spec)
     folder = Path(where)
     if not list(folder.glob("*.safetensors")):
+        stored = sum(f.stat().st_size for f in folder.glob("*.bin"))
+        if stored > cap:
+            raise CrepeError(
+                f"{spec!r} stores its weights as .bin files ({format_size(stored)}, more than --max-memory "
+                f"{format_size(cap)}) and only safetensors shards can be read block by block; convert it to "
+                "safetensors or raise --max-memory"
+            )
         return load_model(spec, dtype=dtype, device=device)
     need = Checkpoint(folder).nbytes(torch_dtype)
     if need <= cap:
@@ -297,23 +315,17 @@ def streamer_of(lm: Any) -> Streamer | None:
     return getattr(lm, "streamer", None)
 
 
-def measure_from_shards(folder: str | Path, pattern: Any, blocks_path: str | None = None) -> dict[str, Any]:
-    """:func:`crepe.release.measure_layers` of a saved model, one block at a time read from its shards."""
-    from crepe.masks import measure_sparsity
-    from crepe.weights import prunable_weights
+def folder_streamer(folder: str | Path, max_memory: str | int | None = None, blocks_path: str | None = None) -> Streamer | None:
+    """A streamer for a saved model folder (at its config's dtype) when its weights do not fit under
+    ``max_memory`` (default: the memory available); None when it fits or has no safetensors weights."""
+    root = Path(folder)
+    cap = resolve_max_memory(max_memory)
+    if not list(root.glob("*.safetensors")):
+        return None
+    from transformers import AutoConfig
 
-    streamer = build_streamer(folder, None, 2**62, blocks_path, resident=False)
-    layers = []
-    for i, block in enumerate(streamer.blocks):
-        streamer.start_block(i, block)
-        for name, w in prunable_weights(block).items():
-            layers.append(measure_sparsity(f"{streamer.path}.{i}.{name}", w.matrix().detach(), pattern))
-        streamer.end_block(i, block)
-    zeros = sum(layer.n_zeros for layer in layers)
-    numel = sum(layer.numel for layer in layers)
-    return {
-        "pattern": str(pattern) if pattern else None, "blocks_path": streamer.path, "n_linears": len(layers),
-        "overall": zeros / numel if numel else 0.0, "total_zeros": zeros, "total_numel": numel,
-        "nm_valid": None if pattern is None else all(layer.nm_valid for layer in layers),
-        "layers": [layer.as_dict() for layer in layers],
-    }
+    dtype = getattr(AutoConfig.from_pretrained(root), "dtype", None)
+    dtype = parse_dtype(dtype) if isinstance(dtype, (str, torch.dtype)) else None
+    if Checkpoint(root).nbytes(dtype) <= cap:
+        return None
+    return build_streamer(root, dtype, cap, blocks_path)

@@ -285,6 +285,7 @@ def _add_verify_parser(sub: Any) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--data-dir", default=None, help="local data folder (default: $CREPE_DATA_DIR, else ../shared/data)")
     p.add_argument("--json", help="also write the report (with per-layer sparsity) to this file")
+    _add_max_memory(p)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -292,7 +293,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from crepe.release import verify_release
 
     report = verify_release(args.dir, quick_ppl=not args.no_ppl, ppl_rtol=args.rtol, device=args.device,
-                            data_dir=args.data_dir)
+                            data_dir=args.data_dir, max_memory=args.max_memory)
     nm = f", every {report['pattern']} group valid" if report["pattern"] else ""
     print(f"[crepe] {report['files_checked']} files match {report['manifest']}")
     print(f"[crepe] {report['layers_checked']} pruned layers match, overall sparsity {report['overall_sparsity']:.4f}{nm}")
@@ -483,6 +484,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     manifest = run_prune(args.model, config, args.out, budget, args.dtype, args.device, args.blocks,
                          args.overwrite, args.eval_split, _progress_factory(not args.no_progress),
                          max_memory=args.max_memory)
+    streamed = manifest["model"]["extra"].get("streamed")
+    if streamed:
+        print(f"[crepe] streamed block by block: {streamed['weights_bytes'] / 1e9:.2f} GB of weights > --max-memory "
+              f"{streamed['max_memory'] / 1e9:.2f} GB")
     prune = manifest["prune"]
     nm = "" if prune["nm_valid"] is None else f", every {config.sparsity.pattern} group valid: {prune['nm_valid']}"
     calib = manifest["data"]["calibration"]

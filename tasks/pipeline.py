@@ -217,13 +217,14 @@ def calibration_windows(cfg: Any, model_path: str, model_hash: str, data_sha256:
     Returns ``{"path", "sha256", "info"}`` (``info``: source, sha256, n_samples, seqlen, seed, tokens
     sha256; no machine paths)."""
     import torch
+    from transformers import AutoTokenizer
 
-    from crepe.jobs import calibrate
+    from crepe.jobs import calibrate_tokens
 
     started = _computed("calibration-windows")
     limit_threads(cfg)
-    lm = _load(cfg, model_path)
-    ids, info = calibrate(lm, cfg.budget())
+    tokenizer = AutoTokenizer.from_pretrained(model_path)  # the windows need the tokenizer only, never the weights
+    ids, info = calibrate_tokens(tokenizer, cfg.budget())
     info = {k: v for k, v in info.items() if k != "path"}
     key = _digest(model_hash, data_sha256, cfg.section_hash("calibration"))
     out = work_dir(cfg) / "calibration" / key

@@ -32,14 +32,14 @@ from crepe.allocation import (
     weighted_mean,
 )
 from crepe.blocks import find_blocks
+from crepe.errors import CrepeError
+
+FAST = settings(deadline=None, max_examples=60)
 
 
 def prunable_linears(block):
     """Independent reference: every nn.Linear of a (dense, non-MoE) block."""
     return {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-from crepe.errors import CrepeError
-
-FAST = settings(deadline=None, max_examples=60)
 
 stats_lists = st.lists(st.floats(0.0, 100.0, allow_nan=False), min_size=2, max_size=40)
 

@@ -9,13 +9,13 @@ import torch
 from tiny_models import ARCHS, build
 from torch import nn
 
-from crepe.weights import prunable_weights
 from crepe.blocks import (
     capture_inputs,
     find_blocks,
     run_block,
 )
 from crepe.errors import CrepeError
+from crepe.weights import prunable_weights
 
 CPU = torch.device("cpu")
 LINEAR_NAMES = {

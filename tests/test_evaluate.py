@@ -12,7 +12,7 @@ from tiny_models import VOCAB, build, random_ids
 from torch import nn
 
 from crepe.errors import CrepeError
-from crepe.evaluate import perplexity
+from crepe.evaluate import perplexity, same_device
 
 SEQLEN = 16
 
@@ -161,3 +161,10 @@ def test_max_windows_below_one_raises(max_windows: int, eval_ids: torch.Tensor) 
 def test_batch_size_below_one_raises(eval_ids: torch.Tensor) -> None:
     with pytest.raises(CrepeError):
         perplexity(build("llama"), eval_ids, SEQLEN, batch_size=0)
+
+
+def test_same_device_without_cuda() -> None:
+    """``cuda`` vs ``cuda:0`` is checked in tests/test_gpu.py; here: the CPU, and no CUDA call for a mismatch."""
+    assert same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not same_device(torch.device("cpu"), torch.device("cuda"))
+    assert not same_device(torch.device("cuda:1"), torch.device("cpu"))

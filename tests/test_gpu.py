@@ -30,7 +30,7 @@ from torch import nn
 
 import crepe.pruner
 from crepe.blocks import find_blocks
-from crepe.evaluate import perplexity
+from crepe.evaluate import perplexity, same_device
 from crepe.masks import nm_groups_valid, select_mask
 from crepe.pruner import PruneConfig, PruneReport, expected_pruned, prune_model
 from crepe.sparsegpt import HessianAccumulator, gram
@@ -218,7 +218,7 @@ def test_load_model_places_whole_or_offloaded(tmp_path: Path, calib_ids: torch.T
     for name, m in linears(whole.model).items():
         assert torch.equal(m.weight.cpu(), linears(off.model)[name].weight), name
     stream = torch.randint(0, len(whole.tokenizer), (1, 5 * 16 + 3), generator=torch.Generator().manual_seed(1))
-    pw = perplexity(whole.model, stream, seqlen=16, device=whole.info.device)
+    pw = perplexity(whole.model, stream, seqlen=16, device=whole.info.device, blockwise=whole.info.offload)
     po = perplexity(off.model, stream, seqlen=16, device=off.info.device, blockwise=off.info.offload)
     assert math.isfinite(pw.ppl) and po.ppl == pytest.approx(pw.ppl, rel=1e-6)
     assert devices_of(off.model) == {"cpu"}
@@ -272,6 +272,25 @@ def test_perplexity_on_gpu_equals_cpu_whole_and_blockwise(arch: str, eval_ids: t
     assert whole.ppl == pytest.approx(cpu.ppl, rel=1e-4)
     assert blockwise.ppl == pytest.approx(whole.ppl, rel=1e-6)
     assert forced.ppl == pytest.approx(whole.ppl, rel=1e-6)
+
+
+def test_perplexity_device_cuda_names_the_weights_device(monkeypatch: pytest.MonkeyPatch,
+                                                         eval_ids: torch.Tensor) -> None:
+    """``device="cuda"`` with the weights on ``cuda:<current>`` is the same device: the whole-model path, not
+    block by block (``torch.device("cuda") != torch.device("cuda:0")``, hence ``same_device``)."""
+    import crepe.evaluate
+
+    current = torch.device("cuda", torch.cuda.current_device())
+    assert same_device(torch.device("cuda"), current) and same_device(current, torch.device("cuda"))
+    assert not same_device(torch.device("cuda"), torch.device("cpu"))
+    model = build("llama", seed=0).to(current)
+
+    def no_blockwise(*_args, **_kwargs):
+        raise AssertionError("a model already on the device was evaluated block by block")
+
+    monkeypatch.setattr(crepe.evaluate, "_blockwise_logits", no_blockwise)
+    for device in ("cuda", current, None):
+        assert math.isfinite(perplexity(model, eval_ids, seqlen=16, device=device).ppl)
 
 
 def test_perplexity_of_a_gpu_pruned_model_equals_cpu(calib_ids: torch.Tensor, eval_ids: torch.Tensor) -> None:
@@ -413,15 +432,13 @@ def test_cli_eval_device_cuda_and_a_missing_gpu(tiny_folder: Path, tmp_path: Pat
 # --- Dask: one candidate per GPU ---------------------------------------------------------------------------------
 
 
-def test_dask_pipeline_spreads_candidates_over_gpus(tmp_path: Path, tiny_folder: Path) -> None:
-    """``crepe pipeline`` with ``runner.backend: dask`` and ``model.device: cuda``: the candidates run in
-    Dask workers pinned one per visible GPU, each holding its GPU's concurrency slot, never two at once on
-    one GPU."""
-    from tasks.gpus import visible_gpus
+def run_dask_gpu_pipeline(tmp_path: Path, model_folder: Path, visible: list[str]) -> dict[str, str]:
+    """``crepe pipeline`` with ``runner.backend: dask`` and ``model.device: cuda``; checks that the candidates ran
+    in Dask workers pinned one per GPU of ``visible``, each holding its GPU's concurrency slot, never two at
+    once on one GPU. Returns worker pid -> GPU id. (tests/test_gpu_spread.py runs it with two fake GPUs.)"""
     from tests.test_pipeline import crepe_cli, make_project
 
-    visible = visible_gpus()
-    proj = make_project(tmp_path / "p", tiny_folder, runner=", backend: dask")
+    proj = make_project(tmp_path / "p", model_folder, runner=", backend: dask")
     log = tmp_path / "computed.txt"
     (tmp_path / "prefect-home").mkdir()
     res = crepe_cli(proj, tmp_path / "prefect-home", "pipeline", "-S", "model.device=cuda",
@@ -429,7 +446,7 @@ def test_dask_pipeline_spreads_candidates_over_gpus(tmp_path: Path, tiny_folder:
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [line.split("\t") for line in log.read_text().splitlines()]
     flow_pid = next(r[1] for r in rows if r[0] == "pho-screen" and len(r) == 2)
-    gpu_of_pid = {}
+    gpu_of_pid: dict[str, str] = {}
     for r in rows:
         if r[0] == "verify-candidate-gpu":
             assert gpu_of_pid.setdefault(r[1], r[2]) == r[2], "a worker used two GPUs"
@@ -447,3 +464,13 @@ def test_dask_pipeline_spreads_candidates_over_gpus(tmp_path: Path, tiny_folder:
         intervals.sort()
         assert all(a[1] <= b[0] + 1e-3 for a, b in zip(intervals, intervals[1:])), (gpu, intervals)
     assert (proj / "data" / "release" / "crepe_release.json").is_file()
+    return gpu_of_pid
+
+
+def test_dask_pipeline_spreads_candidates_over_gpus(tmp_path: Path, tiny_folder: Path) -> None:
+    from tasks.gpus import visible_gpus
+
+    visible = visible_gpus()
+    used = run_dask_gpu_pipeline(tmp_path, tiny_folder, visible)
+    # 3 candidates on min(n_gpus, 3) idle single-threaded workers: Dask hands each worker one
+    assert len(set(used.values())) == min(len(visible), 3), used

@@ -236,19 +236,75 @@ def test_two_candidates_never_hold_one_gpu_at_once() -> None:
 # --- the gpu marker ----------------------------------------------------------------------------------------
 
 
-def test_every_test_in_test_gpu_carries_the_gpu_marker() -> None:
-    """``-m "not gpu"`` deselects all of tests/test_gpu.py, and ``-m gpu`` selects all of it (tests/conftest.py
-    also refuses to collect an unmarked test there)."""
-    def collect(*args: str) -> str:
-        res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                              *args, "tests/test_gpu.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        return res.stdout + res.stderr
+PROBE = r"""
+import sys, pytest
+class Probe:
+    def pytest_collection_finish(self, session):
+        for item in session.items:
+            print("ITEM", item.nodeid, item.get_closest_marker("gpu") is not None)
+sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"], plugins=[Probe()]))
+"""
 
-    everything = collect()
-    total = sum(1 for line in everything.splitlines() if line.startswith("tests/test_gpu.py::"))
-    assert total >= 10, everything[-2000:]
-    gpu_only = collect("-m", "gpu")
-    assert sum(1 for line in gpu_only.splitlines() if line.startswith("tests/test_gpu.py::")) == total
-    not_gpu = collect("-m", "not gpu")
-    assert not any(line.startswith("tests/test_gpu.py::") for line in not_gpu.splitlines()), not_gpu[-2000:]
-    assert f"{total} deselected" in not_gpu, not_gpu[-2000:]
+
+def test_every_test_in_test_gpu_carries_the_gpu_marker() -> None:
+    """Collected as pytest collects it (so ``pytest -m gpu`` selects all of it and ``-m "not gpu"`` none)."""
+    res = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    items = [line.removeprefix("ITEM ").rsplit(" ", 1) for line in res.stdout.splitlines() if line.startswith("ITEM ")]
+    assert len(items) >= 10, res.stdout[-2000:]
+    assert [nodeid for nodeid, marked in items if marked != "True"] == []
+
+
+class _Item:
+    def __init__(self, name: str, marked: bool) -> None:
+        self.path, self.nodeid, self.marked, self.added = ROOT / "tests" / name, f"tests/{name}::t", marked, []
+
+    def get_closest_marker(self, name: str):
+        return object() if name == "gpu" and self.marked else None
+
+    def add_marker(self, mark) -> None:
+        self.added.append(mark)
+
+
+def test_conftest_refuses_an_unmarked_test_in_test_gpu_and_skips_gpu_tests_without_cuda() -> None:
+    import torch
+    from conftest import pytest_collection_modifyitems
+
+    with pytest.raises(pytest.UsageError, match="lacks @pytest.mark.gpu"):
+        pytest_collection_modifyitems(None, [_Item("test_gpu.py", True), _Item("test_gpu.py", False)])
+    items = [_Item("test_gpu.py", True), _Item("test_x.py", True), _Item("test_x.py", False)]
+    pytest_collection_modifyitems(None, items)
+    skipped = [bool(i.added) for i in items]
+    assert skipped == ([False, False, False] if torch.cuda.is_available() else [True, True, False])
+
+
+# --- the whole pipeline with two fake GPUs ------------------------------------------------------------------
+
+FAKE_GPUS = """
+import tasks.gpus as _gpus, crepe.models as _models, torch as _torch
+_visible = _gpus.visible_gpus
+def _fake_visible(env=None, count=None):  # two fake GPUs, or the one a Dask worker is pinned to
+    ids = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES", "0,1")
+    return _visible({{"CUDA_VISIBLE_DEVICES": ids}}, count=len(ids.split(",")))
+_gpus.visible_gpus = _fake_visible
+_resolve = _models.resolve_device
+_models.resolve_device = lambda name: _torch.device("cpu") if str(name).startswith("cuda") else _resolve(name)
+"""
+
+
+@pytest.mark.slow  # a 2-worker Dask cluster, a Prefect server per worker: 1-2 minutes
+def test_dask_pipeline_with_two_fake_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/test_gpu.py's Dask GPU run on a CPU: the CLI process and the Dask workers see two fake GPUs
+    (CUDA_VISIBLE_DEVICES pinned per worker) and compute on the CPU; everything else is real: the
+    SpecCluster, the device each candidate picks, the Prefect concurrency slots."""
+    import tests.test_pipeline as tp
+    from tests.local_models import save_tiny_llama
+    from tests.test_gpu import run_dask_gpu_pipeline
+
+    marker = 'if __name__ == "__main__":'
+    assert marker in tp.LAUNCHER
+    monkeypatch.setattr(tp, "LAUNCHER", tp.LAUNCHER.replace(marker, FAKE_GPUS + marker))
+    folder = save_tiny_llama(tmp_path / "tiny")
+    (tmp_path / "run").mkdir()
+    used = run_dask_gpu_pipeline(tmp_path / "run", folder, ["0", "1"])
+    assert sorted(used.values()) == ["0", "1"]  # both workers, each on its own GPU

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import constants
+from safetensors.torch import load_file
 
 from crepe.errors import CrepeError
 from crepe.hub import hub_identity
@@ -70,6 +71,18 @@ def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     add_commit(cache, "org-a/tiny", src / "a2", C2, refs=("v2",))
     add_commit(cache, "org-b/tiny", src / "b", C3)
     add_commit(cache, "org-c/mirror", src / "a", C1)
+    # the older format: pytorch_model.bin only (org-d), and beside safetensors (org-e: not part of the identity)
+    (src / "bin").mkdir()
+    (src / "both").mkdir()
+    for file in (src / "a").iterdir():
+        shutil.copyfile(file, src / "both" / file.name)
+        if file.suffix != ".safetensors":
+            shutil.copyfile(file, src / "bin" / file.name)
+    state = load_file(src / "a" / "model.safetensors")
+    for name in ("bin", "both"):
+        torch.save(state, src / name / "pytorch_model.bin")
+    add_commit(cache, "org-d/bin-only", src / "bin", C1)
+    add_commit(cache, "org-e/both", src / "both", C1)
     return home
 
 
@@ -118,6 +131,16 @@ def test_load_model_reads_the_resolved_snapshot(hub_cache: Path, tmp_path: Path)
         assert torch.equal(p, q), name
 
 
+def test_bin_weights_only_when_there_are_no_safetensors(hub_cache: Path) -> None:
+    bin_only = resolve_source("org-d/bin-only")[3]["files"]
+    both = resolve_source("org-e/both")[3]["files"]
+    assert "pytorch_model.bin" in bin_only and not any(n.endswith(".safetensors") for n in bin_only)
+    assert "model.safetensors" in both and "pytorch_model.bin" not in both
+    from_bin = load_model("org-d/bin-only", device="cpu").model.state_dict()
+    for name, value in load_model("org-a/tiny", device="cpu").model.state_dict().items():
+        assert torch.equal(from_bin[name], value), name
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ("org-a/tiny@nope", "revision 'nope' of hub model org-a/tiny is not in the HF cache {cache}/models--org-a--tiny "
                         "(cached: main, v2, 111111111111, 222222222222) and HF_HUB_OFFLINE=1 forbids downloading it"),
@@ -130,6 +153,20 @@ def test_not_in_cache_is_one_sentence(hub_cache: Path, spec: str, message: str) 
         resolve_source(spec)
     text = str(err.value)
     assert text.startswith(message.format(cache=hub_cache)) and "\n" not in text
+
+
+def test_hub_unreachable_falls_back_to_the_cache(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online mode with the Hub unreachable (a closed local port): huggingface_hub's own fallback finds the
+    cached snapshot, with the same identity; a model that is not cached is one sentence."""
+    offline = resolve_source("org-a/tiny@v2")[2]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    assert resolve_source("org-a/tiny@v2")[2] == offline
+    with pytest.raises(CrepeError, match=r"^hub model org-z/missing is not in the HF cache .* and it could not be "
+                                         r"downloaded \(\w+\); check the network connection$"):
+        resolve_source("org-z/missing")
+    with pytest.raises(CrepeError, match="'org/na--me' is not a valid hub repo id"):
+        resolve_source("org/na--me")
 
 
 # --- crepe prune: manifests ----------------------------------------------------------------------------------

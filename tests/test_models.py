@@ -40,10 +40,15 @@ def test_resolve_source_missing_folder(tmp_path):
         resolve_source(str(tmp_path / "nope"))
 
 
-def test_resolve_source_hub_id_is_recognised():
-    kind, where, _, _ = resolve_source("hf:org/some-model@main")
-    assert (kind, where) == ("hub", "org/some-model@main")
-    assert resolve_source("meta-llama/Llama-2-7b-hf")[0] == "hub"
+def test_resolve_source_hub_id_is_looked_up_in_the_hf_cache(tmp_path, monkeypatch):
+    # recognised as a hub id (not a bad spec): offline and not cached, it names the cache folder
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    for spec in ("hf:org/some-model@main", "meta-llama/Llama-2-7b-hf"):
+        repo = spec.removeprefix("hf:").split("@")[0]
+        with pytest.raises(CrepeError, match=f"hub model {repo} is not in the HF cache .*HF_HUB_OFFLINE=1"):
+            resolve_source(spec)
 
 
 def test_check_model_folder_without_config(tmp_path):

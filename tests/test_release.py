@@ -149,8 +149,10 @@ def test_card_base_model_metadata_for_embedded_and_hub_models():
               "code": {}, "versions": {}}
     card = render_model_card(record, {})
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "50% unstructured" in card
-    record["base_model"] = {"spec": "hf:org/name@v1", "kind": "hub", "content_hash": "cd"}
-    assert "base_model: org/name\n" in render_model_card(record, {})
+    record["base_model"] = {"spec": "hf:org/name@v1", "kind": "hub", "content_hash": "cd",
+                            "hub": {"repo_id": "org/name", "revision": "v1", "commit": "e" * 40, "files": {}}}
+    card = render_model_card(record, {})
+    assert "base_model: org/name\n" in card and f"hub repo `org/name` at commit `{'e' * 40}`" in card
 
 
 def test_release_loads_with_transformers_and_holds_the_pruned_weights(release, pruned):

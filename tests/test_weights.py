@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from tiny_models import build, random_ids
 from torch import nn
 from transformers import (
     FalconConfig,
@@ -28,7 +29,6 @@ from crepe.types import parse_sparsity
 from crepe.weights import block_weights, prunable_weights
 from flows.cli import main
 from tests.local_models import word_tokenizer
-from tiny_models import build, random_ids
 
 IDS = random_ids(4, 16, seed=7)
 

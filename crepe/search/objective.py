@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from crepe.blocks import capture_inputs, find_blocks, model_device, run_block
-from crepe.weights import PrunableWeight, prunable_weights
 from crepe.errors import CrepeError
 from crepe.masks import LAYER_RULES, select_mask
 from crepe.neighborhood import check_kernel_size
@@ -22,6 +21,7 @@ from crepe.pruner import InputNormAccumulator
 from crepe.scoring import score
 from crepe.search.proxies import compute_proxies
 from crepe.types import SparsitySpec, check_group, check_sparsity
+from crepe.weights import PrunableWeight, prunable_weights
 
 DEFAULT_TARGET = "self_attn.q_proj"
 SEARCHED_PARAMS = ("alpha", "beta", "gamma", "kernel_size")

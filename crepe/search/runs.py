@@ -31,7 +31,6 @@ import torch
 
 from crepe import data as data_mod
 from crepe.blocks import find_blocks
-from crepe.weights import PrunableWeight, prunable_weights
 from crepe.errors import CrepeError
 from crepe.io import save_figure_atomic, write_json_atomic
 from crepe.jobs import Budget, _provenance, calibrate, evaluate_loaded
@@ -44,6 +43,7 @@ from crepe.search.proxies import PROXY_NAMES
 from crepe.search.samplers import SAMPLERS, cma_population_size
 from crepe.search.space import RIA_POINT, SearchSpace
 from crepe.types import SparsitySpec, parse_sparsity
+from crepe.weights import PrunableWeight, prunable_weights
 
 Progress = Callable[[str, int, int], None]
 STATE_FILE = "state.json"
