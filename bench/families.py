@@ -5,7 +5,9 @@ class (``AutoConfig.for_model(model_type, ...)``), shrunk to hidden 64, 2 decode
 4 query heads of 16 (2 key/value heads where the family has GQA) and, for mixture-of-experts
 families, 4 experts with top-2 routing and expert width 32; no hub access, no checkpoint. Every
 input width of every block matrix is a multiple of 8, so 2:4 and 4:8 patterns apply. Attention is
-eager. Weights are drawn by the family's own initialisation after ``torch.manual_seed(seed)``.
+eager. Weights are drawn by the family's own initialisation after ``torch.manual_seed(seed)``; a
+matrix that initialisation leaves all-zero (AFMoE's router) is redrawn from N(0, 0.02^2), so every
+router routes and every matrix starts without zeros.
 
 ``build_family(name)`` returns a float32 model in eval mode; ``FAMILIES`` lists every family with
 the model type it builds, whether it is a mixture of experts and a one-line note. The families
@@ -174,6 +176,31 @@ _FAMILIES: tuple[Family, ...] = (
     _f("gpt_oss", config=_moe(num_local_experts=N_EXPERTS, intermediate_size=EXPERT_WIDTH, sliding_window=4,
                               layer_types=["sliding_attention", "full_attention"]),
        moe=True, note="gpt-oss (transposed fused experts with biases, router with bias)"),
+    _f("minimax", config=_moe(num_local_experts=N_EXPERTS, intermediate_size=EXPERT_WIDTH,
+                              layer_types=["linear_attention", "full_attention"]),
+       moe=True, note="MiniMax-Text-01 (lightning attention + full attention, MoE)"),
+    _f("minimax_m2", config=_moe(num_local_experts=N_EXPERTS, intermediate_size=EXPERT_WIDTH), moe=True),
+    _f("dots1", config=_moe(n_routed_experts=N_EXPERTS, n_shared_experts=1, moe_intermediate_size=EXPERT_WIDTH,
+                            n_group=1, topk_group=1, first_k_dense_replace=1),
+       moe=True, note="dots.llm1 (block 0 dense, block 1 MoE)"),
+    _f("exaone_moe", config=_moe(num_experts=N_EXPERTS, moe_intermediate_size=EXPERT_WIDTH, first_k_dense_replace=1,
+                                 num_shared_experts=1, n_group=1, topk_group=1),
+       moe=True, note="EXAONE MoE (block 0 dense, block 1 MoE)"),
+    _f("afmoe", config=_moe(num_experts=N_EXPERTS, moe_intermediate_size=EXPERT_WIDTH, num_dense_layers=1),
+       moe=True, note="AFMoE / Trinity (router `mlp.router.gate`, block 0 dense)"),
+    _f("llama4", "llama4_text", config=_moe(num_local_experts=N_EXPERTS, intermediate_size=EXPERT_WIDTH,
+                                            intermediate_size_mlp=INTERMEDIATE, interleave_moe_layer_step=1,
+                                            attention_chunk_size=8, num_experts_per_tok=1),
+       moe=True, note="Llama 4 text (Llama4TextExperts: (E, in, out) experts outside the experts interface)"),
+    _f("dbrx", base={"vocab_size": VOCAB, "d_model": HIDDEN, "n_heads": N_HEADS, "n_layers": N_LAYERS,
+                     "max_seq_len": 128, "use_cache": False},
+       config={"attn_config": {"kv_n_heads": N_KV_HEADS, "rope_theta": 10000.0},
+               "ffn_config": {"ffn_hidden_size": EXPERT_WIDTH, "moe_num_experts": N_EXPERTS, "moe_top_k": TOP_K}},
+       moe=True, note="DBRX (experts concatenated in one 2-D parameter per projection)"),
+    _f("jetmoe", drop=("num_attention_heads", "head_dim"),
+       config={"num_local_experts": N_EXPERTS, "num_experts_per_tok": TOP_K, "intermediate_size": EXPERT_WIDTH,
+               "kv_channels": HEAD_DIM},
+       moe=True, note="JetMoE (JetMoeParallelExperts: 3-D weights outside the experts interface)"),
     _f("hunyuan_v1_moe", config={"num_experts": N_EXPERTS, "moe_topk": TOP_K, "intermediate_size": EXPERT_WIDTH},
        moe=True),
     _f("cohere2_moe", config=_moe(num_experts=N_EXPERTS, moe_intermediate_size=EXPERT_WIDTH, sliding_window=4), moe=True),
@@ -191,6 +218,11 @@ _FAMILIES: tuple[Family, ...] = (
                                  layer_types=["linear_attention", "full_attention"], linear_key_head_dim=16,
                                  linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4),
        moe=True, note="Qwen3-Next (gated DeltaNet + attention, MoE)"),
+    _f("qwen3_5_moe", "qwen3_5_moe_text",
+       config=_moe(num_experts=N_EXPERTS, moe_intermediate_size=EXPERT_WIDTH, shared_expert_intermediate_size=INTERMEDIATE,
+                   layer_types=["linear_attention", "full_attention"], linear_key_head_dim=16, linear_value_head_dim=16,
+                   linear_num_key_heads=2, linear_num_value_heads=4),
+       moe=True, note="Qwen3.5 MoE text (gated DeltaNet + attention, MoE)"),
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in _FAMILIES}
@@ -214,7 +246,13 @@ def build_family(name: str, seed: int = 0) -> nn.Module:
     config = family_config(name)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN, dtype=torch.float32)
-    return model.to(torch.float32).eval()
+    model = model.to(torch.float32).eval()
+    with torch.no_grad():  # a zero-initialised matrix (AFMoE's router) would route every token alike
+        g = torch.Generator().manual_seed(seed + 1)
+        for param in model.parameters():
+            if param.dim() >= 2 and not param.any():
+                param.copy_(torch.randn(param.shape, generator=g) * 0.02)
+    return model
 
 
 def random_ids(n: int, seqlen: int, seed: int) -> torch.Tensor:

@@ -181,7 +181,7 @@ def _search_context(cfg: Any, model: Mapping[str, Any], calib: Mapping[str, Any]
 
     lm = _load(cfg, model["path"], device)
     ctx = SearchContext.create(model["path"], cfg.prune.sparsity, budget, cfg.model.dtype, device or cfg.model.device,
-                               cfg.prune.rule, cfg.model.blocks, lm=lm)
+                               cfg.prune.rule, cfg.model.blocks, lm=lm, selection=weight_selection(cfg))
     ctx.calibration = (_load_tokens(calib), calib["info"])  # the exact windows of the prepare step
     return ctx
 
@@ -237,11 +237,32 @@ def calibration_windows(cfg: Any, model_path: str, model_hash: str, data_sha256:
 # --- 2. PHO ---------------------------------------------------------------------------------------------
 
 
+def weight_selection(cfg: Any) -> dict[str, Any]:
+    """Which block weights every prune of the run touches, and the MoE calibration rule (``prune.*``)."""
+    p = cfg.prune
+    return {"targets": p.targets, "ignore": p.ignore, "prune_router": p.prune_router,
+            "moe_min_tokens": p.moe_min_tokens, "moe_fallback": p.moe_fallback}
+
+
+def compute_identity(cfg: Any) -> dict[str, Any]:
+    """What the numbers of a compute task depend on beyond its inputs: dtype, block path, the resolved
+    device kind (cpu/cuda kernels round differently) and the calibration batch size (chunked sums)."""
+    from crepe.models import resolve_device
+
+    try:
+        device = resolve_device(cfg.model.device).type
+    except CrepeError:
+        device = str(cfg.model.device)
+    return {"dtype": cfg.model.dtype, "blocks": cfg.model.blocks, "device": device,
+            "calib_batch_size": cfg.calibration.batch_size}
+
+
 def _pho_extra(cfg: Any, _p: Mapping[str, Any]) -> Any:
     p = cfg.pho
     return {"screen": [p.sampler, p.n_trials, p.top_k, p.seed, p.target, p.target_block, p.search_kernel,
                        cfg.section_hash("pho.bounds")],
-            "prune": [cfg.prune.sparsity, cfg.prune.rule, cfg.prune.params], "model": [cfg.model.dtype, cfg.model.blocks]}
+            "prune": [cfg.prune.sparsity, cfg.prune.rule, cfg.prune.params], "model": compute_identity(cfg),
+            "selection": weight_selection(cfg)}
 
 
 @task(name="pho-screen", cache_key_fn=content_key((), ("model_hash", "calib"), _pho_extra), **_persisted())
@@ -276,7 +297,8 @@ def pho_screen(cfg: Any, model: dict[str, Any], model_hash: str, calib: dict[str
 
 def _verify_extra(cfg: Any, _p: Mapping[str, Any]) -> Any:
     return {"split": cfg.pho.verify_split, "windows": cfg.pho.verify_max_windows, "seqlen": cfg.eval.ppl.seqlen,
-            "prune": [cfg.prune.sparsity, cfg.prune.rule], "model": [cfg.model.dtype, cfg.model.blocks],
+            "prune": [cfg.prune.sparsity, cfg.prune.rule], "model": compute_identity(cfg),
+            "eval_batch_size": cfg.eval.ppl.batch_size, "selection": weight_selection(cfg),
             "eval_source": cfg.data.eval_source}
 
 
@@ -363,7 +385,7 @@ def search_summary(cfg: Any, screened: dict[str, Any], verified: list[dict[str, 
 
 
 def _prune_extra(cfg: Any, _p: Mapping[str, Any]) -> Any:
-    return {"model": [cfg.model.dtype, cfg.model.blocks]}
+    return {"model": compute_identity(cfg)}
 
 
 @task(name="final-prune",
@@ -450,7 +472,7 @@ def _eval_extra(cfg: Any, _p: Mapping[str, Any]) -> Any:
     zs = cfg.eval.zero_shot
     return {"ppl": cfg.section_hash("eval.ppl"), "source": cfg.data.eval_source,
             "zero_shot": cfg.section_hash("eval.zero_shot") if zs.tasks else None,
-            "model": [cfg.model.dtype]}
+            "model": {**compute_identity(cfg), "calib_batch_size": None}}
 
 
 @task(name="evaluate", cache_key_fn=content_key((), ("model", "eval_sha256"), _eval_extra), **_persisted())

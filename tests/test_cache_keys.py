@@ -42,22 +42,23 @@ PRUNE_MODEL = ("pho-screen", "verify-candidate", "final-prune")
 DEPENDS: dict[str, tuple[str, ...]] = {
     "model.spec": ("model",),
     "model.dtype": (*PRUNE_MODEL, "evaluate"),
-    "model.device": (),  # results are taken to be device-independent: a GPU run reuses a CPU run's cache
+    "model.device": (*PRUNE_MODEL, "evaluate"),  # the resolved kind (cpu/cuda): kernels round differently
     "model.blocks": PRUNE_MODEL,
     "data.data_dir": ("calib-data", "eval-data[verify]", "eval-data[ppl]"),
     "data.calib_source": ("calib-data", "calibration-windows"),
     "data.eval_source": ("eval-data[verify]", "eval-data[ppl]", "verify-candidate", "evaluate"),
+    "calibration.batch_size": ("calibration-windows", *PRUNE_MODEL),  # chunked sums of the statistics
     "calibration.*": ("calibration-windows",),
     "prune.method": ("final-prune",),
     "prune.sparsity": PRUNE_MODEL,
     "prune.group": ("final-prune",),
     "prune.rule": PRUNE_MODEL,
     "prune.params": ("pho-screen", "final-prune"),
-    "prune.targets": ("final-prune",),
-    "prune.ignore": ("final-prune",),
-    "prune.prune_router": ("final-prune",),
-    "prune.moe_min_tokens": ("final-prune",),
-    "prune.moe_fallback": ("final-prune",),
+    "prune.targets": PRUNE_MODEL,  # PHO prunes the same weights as the final prune
+    "prune.ignore": PRUNE_MODEL,
+    "prune.prune_router": PRUNE_MODEL,
+    "prune.moe_min_tokens": PRUNE_MODEL,
+    "prune.moe_fallback": PRUNE_MODEL,
     "pho.enabled": (),  # changes the graph itself: the search tasks run or not, final-prune's params
     "pho.sampler": PHO,
     "pho.n_trials": PHO,
@@ -74,7 +75,7 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "eval.ppl.split": ("eval-data[ppl]", "evaluate"),
     "eval.ppl.seqlen": ("verify-candidate", "evaluate"),
     "eval.ppl.max_windows": ("evaluate",),
-    "eval.ppl.batch_size": ("evaluate",),
+    "eval.ppl.batch_size": ("verify-candidate", "evaluate"),
     "eval.zero_shot.*": ("evaluate",),  # with tasks; without, see test_zero_shot_settings_without_tasks
     "tracking.*": (),
     "runner.*": (),
@@ -100,7 +101,7 @@ CONSUMERS: dict[str, tuple[str, ...]] = {
 # that changes them, and the context (applied to both sides) in which the change is valid and matters.
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "model.spec": ("model.spec=/models/other", ()),
-    "model.device": ("model.device=cpu", ()),
+    "model.device": ("model.device=cuda", ()),  # auto is cpu here: only another device kind is a change
     "model.blocks": ("model.blocks=model.layers", ()),
     "data.data_dir": ("data.data_dir=/data/other", ()),
     "prune.method": ("prune.method=ria", ("pho.enabled=false", "prune.params={}")),

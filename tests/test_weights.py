@@ -243,3 +243,25 @@ def test_cli_bad_regex_exits_2(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert code == 2 and "targets '(' is not a valid regular expression" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_pho_prunes_and_restores_the_same_weights_as_the_final_prune() -> None:
+    """SearchContext takes the prune's selection: a candidate leaves ignored weights dense, routers pruned
+    on request are restored exactly between candidates."""
+    from crepe.jobs import Budget
+    from crepe.models import LoadedModel, ModelInfo
+    from crepe.search.runs import SearchContext
+
+    model = qwen3_moe()
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    info = ModelInfo("tiny", "local", "", "h", "float32", "cpu", False)
+    ctx = SearchContext(LoadedModel(model, None, info), parse_sparsity("2:4"), Budget(calib_samples=4, seqlen=16),
+                        selection={"ignore": r"layers\.1\.self_attn", "prune_router": True})
+    ctx.calibration = (IDS, {})
+    for name, w in ctx._linears().items():
+        ctx._dense[name] = w.matrix().detach().clone()
+    report = ctx.prune({"alpha": 1.0, "beta": 1.0, "gamma": 0.01, "kernel_size": 3})
+    assert {r["reason"] for r in report.skipped} == {"excluded by ignore"}
+    assert "router" in report.by_kind()
+    ctx.restore_dense()
+    assert all(torch.equal(p, dense[n]) for n, p in model.named_parameters())

@@ -43,7 +43,7 @@ from crepe.search.proxies import PROXY_NAMES
 from crepe.search.samplers import SAMPLERS, cma_population_size
 from crepe.search.space import RIA_POINT, SearchSpace
 from crepe.types import SparsitySpec, parse_sparsity
-from crepe.weights import PrunableWeight, prunable_weights
+from crepe.weights import PrunableWeight, block_weights
 
 Progress = Callable[[str, int, int], None]
 STATE_FILE = "state.json"
@@ -93,6 +93,7 @@ class SearchContext:
     rule: str = "exact"
     blocks: str | None = None
     progress: Progress | None = None
+    selection: dict[str, Any] = field(default_factory=dict)  # targets/ignore/prune_router/moe_* of the prune
     calibration: tuple[torch.Tensor, dict[str, Any]] | None = None
     setup_seconds: float = 0.0
     _dense: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -111,6 +112,7 @@ class SearchContext:
         blocks: str | None = None,
         progress: Progress | None = None,
         lm: LoadedModel | None = None,
+        selection: Mapping[str, Any] | None = None,
     ) -> SearchContext:
         """Load ``model`` (unless ``lm`` is given), sample the calibration windows, copy the dense weights.
 
@@ -120,20 +122,23 @@ class SearchContext:
         spec = _spec(sparsity)
         started = time.perf_counter()
         lm = lm if lm is not None else load_model(model, dtype=dtype, device=device)
-        ctx = cls(lm=lm, spec=spec, budget=budget, rule=rule, blocks=blocks, progress=progress)
+        ctx = cls(lm=lm, spec=spec, budget=budget, rule=rule, blocks=blocks, progress=progress,
+                  selection=dict(selection or {}))
         ctx.calibration = calibrate(lm, budget)
-        path, block_list = find_blocks(lm.model, blocks)
-        for i, block in enumerate(block_list):
-            for name, w in prunable_weights(block).items():
-                ctx._dense[f"{path}.{i}.{name}"] = w.matrix().detach().to("cpu", copy=True)
+        for name, w in ctx._linears().items():
+            ctx._dense[name] = w.matrix().detach().to("cpu", copy=True)
         ctx.setup_seconds = time.perf_counter() - started
         return ctx
 
     # -- weights -------------------------------------------------------------------------------
     def _linears(self) -> dict[str, PrunableWeight]:
         path, block_list = find_blocks(self.lm.model, self.blocks)
+        sel = self.selection
         return {
-            f"{path}.{i}.{name}": w for i, b in enumerate(block_list) for name, w in prunable_weights(b).items()
+            f"{path}.{i}.{name}": w
+            for i, b in enumerate(block_list)
+            for name, w in block_weights(b, f"{path}.{i}.", sel.get("targets"), sel.get("ignore"),
+                                         bool(sel.get("prune_router"))).weights.items()
         }
 
     @torch.no_grad()
@@ -187,12 +192,15 @@ class SearchContext:
         for name, m in self._linears().items():
             if m.module is target.module and m.attr == target.attr and m.expert == target.expert:
                 return name
-        raise RuntimeError(f"internal error: target {module!r} of block {block} is not a prunable linear")
+        raise CrepeError(
+            f"the proxy target {module!r} of block {block} is not among the weights the prune touches "
+            f"(targets={self.selection.get('targets')!r}, ignore={self.selection.get('ignore')!r}); choose another target"
+        )
 
     def prune(self, params: Mapping[str, Any]) -> Any:
         """Restore the dense weights and prune the whole model with CRePE(``params``)."""
         self.restore_dense()
-        config = PruneConfig("crepe", self.spec, dict(params), None, self.rule)
+        config = PruneConfig("crepe", self.spec, dict(params), None, self.rule, **self.selection)
         prog = self.progress
         return prune_model(
             self.lm.model, self.calibration[0], config, self.lm.info.device, self.blocks,
@@ -213,7 +221,7 @@ class SearchContext:
         self.restore_dense()
         if method == "dense":
             return self.perplexity(split)
-        config = PruneConfig(method, self.spec, {}, None, self.rule)
+        config = PruneConfig(method, self.spec, {}, None, self.rule, **self.selection)
         prune_model(self.lm.model, self.calibration[0], config, self.lm.info.device, self.blocks,
                     self.budget.batch_size)
         return self.perplexity(split)
