@@ -112,6 +112,8 @@ def _workaround(family: str, ids: torch.Tensor, message: str) -> str | None:
         except crepe.CrepeError as exc:
             message = str(exc)
             continue
+        except Exception as exc:  # the model itself fails: no workaround to offer
+            return f"none (with those options: {type(exc).__name__}: {str(exc)[:100]})"
         opts = ([f"`--blocks {blocks}`"] if blocks else []) + ([f"`--ignore '{'|'.join(ignore)}'`"] if ignore else [])
         return " ".join(opts)
     return None
@@ -179,7 +181,7 @@ def _notes_line(n: int) -> str:
     return f" Read the notes of {n} pruned famil{'y' if n == 1 else 'ies'}: a router-shaped matrix was pruned."
 
 
-def render(results: list[FamilyResult], seconds: float) -> str:
+def render(results: list[FamilyResult]) -> str:
     import transformers
 
     import crepe
@@ -202,7 +204,8 @@ def render(results: list[FamilyResult], seconds: float) -> str:
         "more depth (independent weight inventory, untouched non-pruned tensors, save/reload with identical "
         "logits, routed-token statistics).",
         "",
-        f"**{len(supported)} families pruned** with every method and pattern, **{len(refused)} refused** "
+        f"**{len(supported)} famil{'y' if len(supported) == 1 else 'ies'} pruned** with every method and pattern, "
+        f"**{len(refused)} refused** "
         f"(a CrepeError naming the weight, before any weight changes)"
         + (f", {len(other)} with failures" if other else "") + "."
         + _notes_line(sum(1 for r in supported if r.warnings)),
@@ -253,7 +256,8 @@ def render(results: list[FamilyResult], seconds: float) -> str:
         ]
         for r in refused:
             reason = (r.refused or "").replace("|", "\\|")
-            lines.append(f"| {r.name} | {reason} | {r.workaround or 'none found'} |")
+            workaround = (r.workaround or "none found").replace("|", "\\|")
+            lines.append(f"| {r.name} | {reason} | {workaround} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_family(name, ids))
         print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - started
-    text = render(results, seconds)
+    text = render(results)
     if args.no_write or args.families:
         print(text)
     else:

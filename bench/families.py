@@ -194,7 +194,7 @@ _FAMILIES: tuple[Family, ...] = (
        moe=True, note="Llama 4 text (Llama4TextExperts: (E, in, out) experts outside the experts interface)"),
     _f("dbrx", base={"vocab_size": VOCAB, "d_model": HIDDEN, "n_heads": N_HEADS, "n_layers": N_LAYERS,
                      "max_seq_len": 128, "use_cache": False},
-       config={"attn_config": {"kv_n_heads": N_KV_HEADS, "rope_theta": 10000.0},
+       config={"attn_config": {"kv_n_heads": N_KV_HEADS, "rope_theta": 10000.0, "clip_qkv": 8.0},
                "ffn_config": {"ffn_hidden_size": EXPERT_WIDTH, "moe_num_experts": N_EXPERTS, "moe_top_k": TOP_K}},
        moe=True, note="DBRX (experts concatenated in one 2-D parameter per projection)"),
     _f("jetmoe", drop=("num_attention_heads", "head_dim"),

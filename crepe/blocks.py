@@ -57,7 +57,7 @@ def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.Modu
             continue
         classes = {type(child).__name__ for child in module}
         size = sum(p.numel() for p in module.parameters())
-        if len(classes) == 1 and classes <= names:
+        if classes <= names:  # one block class, or several (Jamba: attention and Mamba layers)
             candidates.append((size, name, module))
         elif len(classes) == 1 and any(isinstance(m, nn.Linear) for m in module[0].modules()):
             fallback.append((size, name, module))

@@ -14,6 +14,8 @@ runs, so masks, weights and perplexities are bit-identical to it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,18 @@ __all__ = [
     "StreamedModel", "Streamer", "available_memory", "build_streamer", "folder_streamer", "load_capped",
     "resolve_max_memory", "streamer_of",
 ]
+
+
+def _libc_trim() -> Any:
+    """glibc's ``malloc_trim`` (None elsewhere): freed blocks otherwise stay in the heap, fragmented, and
+    the resident set creeps up by tens of MB per streamed block (measured: 1.5 -> 3.0 GB over 25 blocks)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
 
 
 def available_memory() -> int:
@@ -148,6 +162,8 @@ class Streamer:
             self.writer.write(i + 1, {f"{self.path}.{i}.{n}": getattr(o, a).detach() for n, o, a in _tensor_slots(block)})
         for _, owner, attr in _tensor_slots(block):
             _assign(owner, attr, torch.empty_like(getattr(owner, attr), device="meta"))
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)  # hand the freed block back to the OS
 
     def hooks(self) -> dict[str, Any]:
         return {"on_block_start": self.start_block, "on_block_end": self.end_block}

@@ -101,11 +101,18 @@ def is_fused_experts(module: nn.Module) -> bool:
 
 
 def _is_router(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> bool:
+    """A router: a ``*Router`` module, a gate/router next to ``experts``, or a linear inside either
+    (HunYuan's ``mlp.gate.wg``, AFMoE's ``mlp.router.gate``)."""
     if "router" in type(module).__name__.lower():
         return True
     parent_name, _, last = name.rpartition(".")
     parent = parents.get(parent_name)
-    return last in ROUTER_NAMES and parent is not None and hasattr(parent, "experts")
+    if parent is None:
+        return False
+    if last in ROUTER_NAMES and hasattr(parent, "experts"):
+        return True
+    return bool(parent_name) and parent is not module and _is_router(parent_name, parent, parents) and not hasattr(
+        parent, "experts")
 
 
 def _describe(module: nn.Module, attr: str, param: torch.Tensor) -> str:
@@ -160,6 +167,8 @@ def block_weights(
                         f"{name}[{e}]", "expert", module, attr, expert=e,
                         transposed=bool(module.is_transposed), fused=True,
                     ))
+            elif param.dim() == 2 and attr.endswith("bias"):
+                continue  # stacked per-expert biases, a router's score-correction bias: vectors, not matrices
             elif attr == "weight" and param.dim() == 2 and _is_router(mname, module, modules):
                 place(PrunableWeight(mname, "router", module))
             else:

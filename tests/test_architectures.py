@@ -51,27 +51,13 @@ REFUSED: dict[str, str] = {
     "llama4": r"model\.layers\.0\.feed_forward\.experts\.gate_up_proj \(Llama4TextExperts\.gate_up_proj of shape \(4, 64, 64\)\)",
     "dbrx": r"transformer\.blocks\.0\.ffn\.experts\.mlp\.w1 \(DbrxExpertGLU\.w1 of shape \(128, 64\)\)",
     "jetmoe": r"model\.layers\.0\.mlp\.input_linear\.weight \(JetMoeParallelExperts\.weight of shape \(4, 64, 64\)\)",
-    # Jamba's layers are two classes (attention / Mamba): no block list is found without --blocks;
-    # with blocks_path="model.layers" the Mamba convolution is refused by name (checked below).
-    "jamba": r"could not find the decoder blocks of JambaForCausalLM",
-    # BUG (reported): 2-D *bias* tensors are refused as if they were weight matrices: gpt-oss's fused
-    # expert biases (E, out) and ERNIE-4.5-MoE's router correction bias (1, E). Both should be
-    # left alone like 1-D biases; the families then move to the supported set.
-    "gpt_oss": r"model\.layers\.0\.mlp\.experts\.gate_up_proj_bias \(GptOssExperts\.gate_up_proj_bias of shape \(4, 64\)\)",
-    "ernie4_5_moe": r"model\.layers\.0\.mlp\.gate\.moe_statics\.e_score_correction_bias",
+    # Jamba's blocks are two classes (attention / Mamba); the Mamba mixer's A_log is refused by name
+    "jamba": r"model\.layers\.0\.mamba\.A_log \(JambaMambaMixer\.A_log",
 }
-# With --ignore, the bugged families above prune completely (the workaround users have today).
-WORKAROUND_IGNORE: dict[str, str] = {
-    "gpt_oss": r"experts\.(gate_up|down)_proj_bias$",
-    "ernie4_5_moe": r"moe_statics\.e_score_correction_bias$",
-}
-# BUG (reported): a router that is an nn.Linear *inside* a gate/router module (HunYuan-MoE
-# ``mlp.gate.wg``, AFMoE ``mlp.router.gate``) is classified as a plain linear and pruned, although
-# routers are left dense by default.
-ROUTER_PRUNED_BUG = {"hunyuan_v1_moe", "afmoe"}
+# Routers nested in a gate/router module (HunYuan-MoE ``mlp.gate.wg``, AFMoE ``mlp.router.gate``) are
+# routers too; 2-D biases (gpt-oss's stacked expert biases, ERNIE-4.5-MoE's correction bias) are vectors.
 
 SUPPORTED = tuple(f for f in FAMILIES if f not in REFUSED)
-MOE_SUPPORTED = tuple(f for f in SUPPORTED if FAMILIES[f].moe)
 
 
 def _config(method: str, sparsity: str, **kwargs: Any) -> crepe.PruneConfig:
@@ -91,12 +77,13 @@ def block_matrices(block: nn.Module) -> dict[str, tuple[nn.Module, str, int | No
 
     ``<module>`` for a 2-D ``weight``, ``<module>.<param>[<e>]`` for each slice of a 3-D parameter,
     ``<module>.<param>`` for any other matrix. Value: (owner module, attribute, slice or None).
+    Bias tensors are not matrices, also when stacked per expert (gpt-oss ``gate_up_proj_bias``).
     """
     out: dict[str, tuple[nn.Module, str, int | None]] = {}
     for pname, param in block.named_parameters():
-        if param.dim() < 2:
-            continue
         mname, _, attr = pname.rpartition(".")
+        if param.dim() < 2 or attr.endswith("bias"):  # stacked biases (E, out) are biases, not matrices
+            continue
         module = block.get_submodule(mname) if mname else block
         if param.dim() == 3:
             for e in range(param.shape[0]):
@@ -161,8 +148,6 @@ def _cells() -> list[Any]:
         for method in METHODS:
             for sparsity in SPARSITIES:
                 marks = [] if (method, sparsity) in FAST else [pytest.mark.slow]
-                if family in ROUTER_PRUNED_BUG:
-                    marks.append(pytest.mark.xfail(strict=True, reason="nested router linear pruned (bug)"))
                 cells.append(pytest.param(family, method, sparsity, marks=marks, id=f"{family}-{method}-{sparsity}"))
     return cells
 
@@ -180,7 +165,7 @@ def check_pruned_model(
     assert not set(pruned) & set(skipped)
     assert set(pruned) | set(skipped) == set(matrices), (
         f"unaccounted: {sorted(set(matrices) - set(pruned) - set(skipped))}; "
-        f"unknown: {sorted(set(pruned) | set(skipped) - set(matrices))}"
+        f"unknown: {sorted((set(pruned) | set(skipped)) - set(matrices))}"
     )
     for name, row in skipped.items():
         assert isinstance(row["reason"], str) and row["reason"].strip(), name
@@ -238,7 +223,7 @@ def test_family_prunes(family: str, method: str, sparsity: str, ids: torch.Tenso
         reloaded.eval()
         assert torch.equal(logits(reloaded, ids), logits(model, ids))
 
-    # routers stay dense (last: the one known failure, ROUTER_PRUNED_BUG, is an xfail of this step)
+    # routers stay dense
     _, matrices = model_matrices(model)
     routers = [layer.name for layer in report.layers if router_like(out_in_view(*matrices[layer.name]))]
     assert not routers, f"router matrices were pruned: {routers}"
@@ -266,19 +251,6 @@ def test_refused_set_is_exact() -> None:
     """Every family is either in the matrix or refused; the refusals are exactly REFUSED."""
     assert set(SUPPORTED) | set(REFUSED) == set(FAMILIES)
     assert set(REFUSED) <= set(FAMILIES)
-
-
-@pytest.mark.parametrize("family", sorted(WORKAROUND_IGNORE))
-def test_bugged_families_prune_with_ignore(family: str, ids: torch.Tensor) -> None:
-    model = build_family(family)
-    report = crepe.prune_model(
-        model, ids, _config("wanda", "2:4", ignore=WORKAROUND_IGNORE[family]), batch_size=CALIB_N
-    )
-    by_kind = report.by_kind()
-    assert by_kind["expert"]["sparsity"] == pytest.approx(0.5) and report.nm_valid is True
-    reasons = {row["reason"] for row in report.skipped}
-    assert any(r.startswith("excluded by ignore") for r in reasons), reasons
-    assert torch.isfinite(logits(model, ids)).all()
 
 
 # --- routed-token statistics -----------------------------------------------------------------------------
@@ -419,7 +391,8 @@ def test_per_expert_magnitude_fallback(ids: torch.Tensor) -> None:
         assert info == {"routed_tokens": n_tok, "min_tokens": floor, "rule": "magnitude"}, info
         w0 = dense.model.layers[0].mlp.experts[e].get_submodule(proj).weight
         w = model.model.layers[0].mlp.experts[e].get_submodule(proj).weight
-        keep = crepe.select_mask(w0.abs(), 0.5, group="row")  # wanda's group, by |W|
+        keep = torch.zeros_like(w0, dtype=torch.bool)  # wanda's group (row): the larger half of |W|
+        keep.scatter_(1, w0.abs().topk(w0.shape[1] // 2, dim=1).indices, True)
         assert torch.equal(w != 0, keep), name
     others = [n for n, i in report.layer_info.items() if n.startswith("model.layers.0.") and "rule" in i.get("moe", {})]
     assert sorted(others) == sorted(f"{prefix}.{p}" for p in ("down_proj", "gate_proj", "up_proj"))
@@ -500,7 +473,7 @@ def test_architectures_doc_cells_are_computed(ids: torch.Tensor) -> None:
     assert all(_cell(gpt2, m) == "ok" for m in METHODS) and gpt2.kinds == {"conv1d": 8}
     assert all(_cell(lfm2, m) == "refused" for m in METHODS)
     assert lfm2.workaround == r"`--ignore 'conv\.conv\.weight$'`"
-    text = render([gpt2, lfm2], 0.0)
+    text = render([gpt2, lfm2])
     assert "| gpt2 | `GPT2LMHeadModel` | ok | ok | ok | ok | ok |" in text
     assert "conv.conv.weight" in text.split("## Refused families", 1)[1]
 
@@ -508,11 +481,11 @@ def test_architectures_doc_cells_are_computed(ids: torch.Tensor) -> None:
 def test_transposed_fused_experts_with_biases_see_only_routed_tokens(
     ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """gpt-oss ((E, in, out) experts, interleaved gate/up, biases; pruned with the --ignore workaround)."""
+    """gpt-oss ((E, in, out) experts, interleaved gate/up, biases)."""
     model = build_family("gpt_oss")
     dense = copy.deepcopy(model)
     seen = spy_norms(monkeypatch)
-    config = _config("wanda", "0.5", moe_min_tokens=0, ignore=WORKAROUND_IGNORE["gpt_oss"])
+    config = _config("wanda", "0.5", moe_min_tokens=0)
     crepe.prune_model(model, ids, config, batch_size=CALIB_N)
     for layer in range(2):
         x = mlp_inputs(dense, model, ids, layer)
