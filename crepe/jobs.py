@@ -364,14 +364,11 @@ def run_zero_shot_job(
     data_dir = data_dir if data_dir is not None else (budget.data_dir if budget else None)
     zeroshot.resolve_sources(names, data_dir)  # a missing file fails here, before loading
     lm = load_capped(model, dtype=dtype, device=device, max_memory=max_memory)
-    if streamer_of(lm) is not None:
-        raise CrepeError(
-            f"zero-shot evaluation needs the whole model in memory, and {model!r} does not fit under --max-memory "
-            f"({lm.info.extra['streamed']['weights_bytes'] / 1e9:.2f} GB of weights); raise --max-memory or use perplexity"
-        )
+    streamer = streamer_of(lm)
     result: dict[str, Any] = {"model": lm.info.as_dict()}
     result["zero_shot"] = zeroshot.run_zero_shot(
-        lm.model, lm.tokenizer, names, limit, batch_size, data_dir, progress=progress, pack=pack
+        lm.model, lm.tokenizer, names, limit, batch_size, data_dir, progress=progress, pack=pack, streamer=streamer,
+        device=lm.info.device if streamer is not None else None,
     )
     if budget is not None:
         result["perplexity"] = evaluate_loaded(lm, budget, split, progress)

@@ -8,15 +8,18 @@ non-persistent buffers (rotary tables, embedding scales) as ``from_pretrained`` 
 used (its tensors are read from the shards) and :meth:`Streamer.end_block` after (a prune writes the
 block into the output shards; the block goes back to the meta device). The output is a normal Hugging
 Face folder: config, tokenizer, numbered safetensors shards (one for the tensors outside the blocks, one
-per block) and the index, with the input's tensor names. Every operation is the one the in-memory path
-runs, so masks, weights and perplexities are bit-identical to it.
+per block) and the index, with the input's tensor names. Zero-shot batches (any whole-model call) go
+through :meth:`Streamer.forwards` (:mod:`crepe.stream_forward`). Every operation is the one the in-memory
+path runs, so masks, weights, perplexities and zero-shot scores are bit-identical to it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ from crepe.models import (
     resolve_source,
 )
 from crepe.shards import Checkpoint, ShardWriter, format_size, parse_size
+from crepe.stream_forward import forwards
 
 __all__ = [
     "StreamedModel", "Streamer", "available_memory", "build_streamer", "folder_streamer", "load_capped",
@@ -225,9 +229,20 @@ class Streamer:
                     progress(done, windows.shape[0])
         n = windows.shape[0]
         value = float(torch.exp(nll / (n * seqlen)))
-        value = value if value == value and value != float("inf") else float("inf")
+        value = value if math.isfinite(value) else float("inf")
         return PerplexityResult(value, float(nll), n, available, seqlen, n * seqlen,
                                 round(time.perf_counter() - started, 3))
+
+
+    # --- any forward (zero-shot batches) ----------------------------------------------------------------
+
+    def forwards(
+        self, items: Iterable[Any], run: Callable[[Any], Any], n_tokens: Callable[[Any], int],
+        device: torch.device | str | None = None,
+    ) -> Iterator[tuple[Any, Any]]:
+        """``(item, run(item))`` for every item, ``run`` being a whole-model call: see :func:`crepe.stream_forward.forwards`."""
+        budget = max(self.cap - self.resident_bytes - 2 * max(self.block_bytes), 0)
+        return forwards(self, items, run, n_tokens, resolve_device(device if device is not None else "cpu"), budget)
 
 
 @dataclass

@@ -549,10 +549,18 @@ def _make_live_hflm() -> type:
             packed = [r for r in rows if r.segment is not None]
             plain = [r for r in rows if r.segment is None]
             chunks = [part[lo: lo + step] for part in (packed, plain) for lo in range(0, len(part), step)]
-            for chunk in chunks:
-                batch = batch_rows(chunk, self.device, mask_dtype)
+            batches = ((chunk, batch_rows(chunk, self.device, mask_dtype)) for chunk in chunks)
+            streamer = getattr(self, "streamer", None)  # a streamed model: blocks read from the shards per group
+            scored = (streamer.forwards(batches, lambda cb: self._scored_logits(cb[1]), lambda cb: cb[1]["input_ids"].numel(),
+                                        self.device)
+                      if streamer is not None else ((cb, self._scored_logits(cb[1])) for cb in batches))
+            while True:
                 started = time.perf_counter()
-                logprobs = F.log_softmax(self._scored_logits(batch), dim=-1, dtype=self.softmax_dtype)
+                try:
+                    (chunk, batch), logits = next(scored)
+                except StopIteration:
+                    break
+                logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
                 self.stats.model_seconds += time.perf_counter() - started
                 self.stats.rows += len(chunk)
                 self.stats.packed_rows += sum(r.segment is not None for r in chunk)
@@ -632,8 +640,12 @@ def run_zero_shot(
     device: str | torch.device | None = None,
     progress: Progress | None = None,
     pack: bool = True,
+    streamer: Any = None,
 ) -> dict[str, Any]:
     """Evaluate the in-memory causal LM ``model`` 0-shot on lm-eval ``tasks`` (default: the six).
+
+    With a ``streamer`` (:class:`crepe.streaming.Streamer`, ``model`` is its meta-device model) the decoder
+    blocks are read from the shards one at a time per group of batches, with the same scores.
 
     ``limit`` scores only the first N documents of each task (lm-eval's ``--limit``); None scores all.
     ``device`` moves the model there for the run (and back); None runs it where its weights are.
@@ -653,10 +665,14 @@ def run_zero_shot(
     home = next(model.parameters()).device
     target = torch.device(device) if device is not None else home
     was_training = model.training
-    if target != home:
+    moves = target != home and streamer is None
+    if moves:
         model.to(target)
     try:
         lm = live_hflm(model, tokenizer, batch_size, progress, pack)
+        if streamer is not None:
+            lm.streamer = streamer
+            lm._device = target  # inputs go where the streamed blocks run
         from lm_eval import evaluator
 
         run_started = time.perf_counter()
@@ -664,7 +680,7 @@ def run_zero_shot(
             raw = evaluator.evaluate(lm=lm, task_dict={"tasks": task_objs}, limit=limit, log_samples=False)
         run_seconds = time.perf_counter() - run_started
     finally:
-        if target != home:
+        if moves:
             model.to(home)
         model.train(was_training)
     stats = lm.stats

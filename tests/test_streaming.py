@@ -18,6 +18,7 @@ import pytest
 import torch
 from local_models import word_tokenizer
 from safetensors.torch import load_file
+from tiny_models import ARCHS, build
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from crepe.errors import CrepeError
@@ -118,6 +119,53 @@ def test_streamed_prune_is_bit_identical(sharded: Path, tmp_path: Path, method: 
     assert torch.equal(got, want)
 
 
+def test_streamed_bfloat16_prune_is_bit_identical(sharded: Path, tmp_path: Path) -> None:
+    """A float32 checkpoint pruned at bfloat16: cast from the shards exactly as from_pretrained casts."""
+    config = build_config("sparsegpt", "2:4")
+    streamed = run_prune(str(sharded), config, tmp_path / "s", BUDGET, dtype="bfloat16", eval_split="test",
+                         max_memory="200KB")
+    memory = run_prune(str(sharded), config, tmp_path / "m", BUDGET, dtype="bfloat16", eval_split="test")
+    assert "streamed" in streamed["model"]["extra"] and "streamed" not in memory["model"]["extra"]
+    a, b = tensors(tmp_path / "s"), tensors(tmp_path / "m")
+    assert sorted(a) == sorted(b) and all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
+    assert streamed["evaluation"]["ppl"] == memory["evaluation"]["ppl"]
+
+
+@pytest.mark.parametrize(("method", "sparsity", "refine"),
+                         [("wanda", "0.5", "dsnot"), ("ria", "2:4", "cp"), ("sparsegpt", "0.5", "dsnot")])
+def test_streamed_refinements_are_bit_identical(sharded: Path, tmp_path: Path, method: str, sparsity: str,
+                                                refine: str) -> None:
+    config = build_config(method, sparsity, refine=refine)
+    streamed = run_prune(str(sharded), config, tmp_path / "s", BUDGET, max_memory=CAP)
+    memory = run_prune(str(sharded), config, tmp_path / "m", BUDGET)
+    a, b = tensors(tmp_path / "s"), tensors(tmp_path / "m")
+    assert "streamed" in streamed["model"]["extra"] and all(torch.equal(a[k], b[k]) for k in a)
+    assert streamed["prune"]["layers"] == memory["prune"]["layers"]
+
+
+def test_allocation_on_a_streamed_model_is_one_sentence(sharded: Path, tmp_path: Path) -> None:
+    with pytest.raises(CrepeError, match="cannot run block by block on a streamed model"):
+        run_prune(str(sharded), build_config("wanda", "0.5", allocation="owl"), tmp_path / "o", BUDGET, max_memory=CAP)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_tiny_architecture_streams_bit_identically(arch: str, tmp_path: Path) -> None:
+    """Qwen-2/3 biases and norms, Mistral's sliding window, Gemma-3's embedding scale and two rotary tables."""
+    tokenizer = word_tokenizer()
+    model = build(arch, seed=0, attn="sdpa", vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "model", max_shard_size="60KB")
+    tokenizer.save_pretrained(tmp_path / "model")
+    cap = int(0.8 * Checkpoint(tmp_path / "model").nbytes(torch.float32))
+    config = build_config("wanda", "2:4")
+    streamed = run_prune(str(tmp_path / "model"), config, tmp_path / "s", BUDGET, eval_split="test", max_memory=cap)
+    memory = run_prune(str(tmp_path / "model"), config, tmp_path / "m", BUDGET, eval_split="test")
+    assert "streamed" in streamed["model"]["extra"]
+    a, b = tensors(tmp_path / "s"), tensors(tmp_path / "m")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert streamed["evaluation"]["ppl"] == memory["evaluation"]["ppl"]
+
+
 def test_streamed_perplexity_equals_in_memory(sharded: Path) -> None:
     """run_eval under the cap (several passes of windows, each block read once per pass) equals in memory."""
     budget = Budget(calib_samples=4, seqlen=16, max_windows=9, eval_batch_size=2, eval_source="pydoc")
@@ -168,11 +216,38 @@ def test_bad_max_memory_is_an_argparse_error(sharded: Path, capsys) -> None:
     assert exc.value.code == 2 and "memory size 'lots' is not understood" in capsys.readouterr().err
 
 
-def test_zero_shot_refuses_a_streamed_model(sharded: Path) -> None:
+def _zero_shot_data() -> Path | None:
+    from crepe import zeroshot as zs
+    from crepe.data import resolve_data_dir
+
+    data = resolve_data_dir()
+    ok = data is not None and all((data / d.local_file).is_file() for d in zs.TASK_DATA.values())
+    return data if ok else None
+
+
+@pytest.mark.skipif(_zero_shot_data() is None, reason="the zero-shot data files are not available")
+def test_streamed_zero_shot_equals_in_memory(sharded: Path) -> None:
+    """lm-eval scores of the streamed model equal the in-memory ones bit for bit, one batch or all per group."""
+    from crepe import zeroshot as zs
     from crepe.jobs import run_zero_shot_job
 
-    with pytest.raises(CrepeError, match="zero-shot evaluation needs the whole model"):
-        run_zero_shot_job(str(sharded), "boolq", limit=2, max_memory=CAP)
+    streamed = run_zero_shot_job(str(sharded), "boolq,hellaswag", limit=4, batch_size=2, max_memory=CAP)
+    memory = run_zero_shot_job(str(sharded), "boolq,hellaswag", limit=4, batch_size=2)
+    assert streamed["model"]["extra"]["streamed"] and "streamed" not in memory["model"]["extra"]
+    assert streamed["zero_shot"]["tasks"] == memory["zero_shot"]["tasks"]
+    tasks = zs.build_tasks(["hellaswag", "rte"], zs.resolve_sources(["hellaswag", "rte"], _zero_shot_data()))
+    with zs.quiet_lm_eval():
+        for task in tasks.values():
+            task.build_all_requests(limit=5)
+    requests = [inst for task in tasks.values() for inst in task.instances]
+    ref = load_model(str(sharded))
+    want = zs.live_hflm(ref.model, ref.tokenizer, batch_size=3).loglikelihood(requests)
+    lm = load_capped(str(sharded), max_memory=CAP)
+    for cap in (lm.streamer.cap, 10**9):  # under CAP every batch is its own group; 1 GB: one group for all
+        lm.streamer.cap = cap
+        wrapper = zs.live_hflm(lm.model, lm.tokenizer, batch_size=3)
+        wrapper.streamer = lm.streamer
+        assert wrapper.loglikelihood(requests) == want
 
 
 def test_failure_leaves_nothing_half_written(tmp_path: Path) -> None:
@@ -207,11 +282,11 @@ RSS_CHILD = textwrap.dedent("""
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset the peak RSS")
 def test_streamed_peak_rss_stays_far_below_the_in_memory_load(tmp_path: Path) -> None:
-    """A 100 MB model: the streamed prune's peak RSS grows by a fraction of what the in-memory prune's does."""
-    model = save_llama(tmp_path / "big", hidden=512, layers=8, intermediate=1376, tie=False, shard="30MB")
+    """A 190 MB model: the streamed prune's peak RSS grows by a fraction of what the in-memory prune's does."""
+    model = save_llama(tmp_path / "big", hidden=512, layers=16, intermediate=1376, tie=False, shard="30MB")
     weights = Checkpoint(model).nbytes(torch.float32)
     warm = save_llama(tmp_path / "warm")
-    assert weights > 90e6
+    assert weights > 180e6
 
     def peak(cap: str, out: str) -> dict:
         env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -224,7 +299,9 @@ def test_streamed_peak_rss_stays_far_below_the_in_memory_load(tmp_path: Path) ->
     streamed, memory = peak("40MB", "s"), peak("-", "m")
     assert streamed["streamed"] and not memory["streamed"]
     assert memory["increase"] > weights  # the whole model, at least
-    assert streamed["increase"] < 0.4 * memory["increase"], (streamed, memory)  # measured: ~35 MB vs ~118 MB
+    # Measured: ~37 MB streamed (one 12.6 MB block, its scores and the allocator's slack; up to ~75 MB while
+    # another process floods the page cache) against ~220 MB in memory.
+    assert streamed["increase"] < 0.5 * memory["increase"], (streamed, memory)
     assert streamed["increase"] < 0.5 * weights, (streamed, weights)
     assert tensors(tmp_path / "s").keys() == tensors(tmp_path / "m").keys()
 
