@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -184,8 +185,13 @@ def write_release(
     smoke: SmokeTest | None = SmokeTest(),
     overwrite: bool = False,
     blocks_path: str | None = None,
+    streamer: Any = None,
 ) -> Path:
     """Write the release folder ``out_dir`` atomically and return its path.
+
+    With a ``streamer`` (:class:`crepe.streaming.Streamer`; ``model`` is its meta-device model: the model
+    did not fit under the memory cap) the zeros are counted and the smoke test runs block by block, and the
+    weights are the streamed checkpoint's safetensors files, copied byte for byte.
 
     ``manifest`` is the lineage, JSON-serialisable; required: ``base_model`` (``spec``,
     ``content_hash``, ... as :meth:`crepe.models.ModelInfo.as_dict`) and ``prune`` (``method``,
@@ -217,12 +223,13 @@ def write_release(
 
     prune = manifest["prune"]
     pattern = _declared_pattern(prune)
-    sparsity = measure_layers(model, pattern, blocks_path or manifest.get("blocks_path"), prune.get("config"))
+    sparsity = measure_layers(model, pattern, blocks_path or manifest.get("blocks_path"), prune.get("config"),
+                              streamer)
     _check_declared(prune, pattern, sparsity)
     record: dict[str, Any] = {"kind": RELEASE_KIND, "version": RELEASE_VERSION}
     record.update(json.loads(json.dumps(dict(manifest), default=str)))  # a private, JSON-clean copy
     record["sparsity"] = sparsity
-    record["smoke_test"] = smoke_perplexity(model, tokenizer, smoke) if smoke is not None else None
+    record["smoke_test"] = smoke_perplexity(model, tokenizer, smoke, streamer) if smoke is not None else None
     record["code"] = code_version()
     record["versions"] = package_versions(RELEASE_PACKAGES)
     record["machine"] = machine()
@@ -231,7 +238,13 @@ def write_release(
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars
     with atomic_dir(target, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if streamer is not None:
+            source = Path(streamer.checkpoint.folder)
+            for pattern_ in ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json"):
+                for file in sorted(source.glob(pattern_)):
+                    shutil.copyfile(file, tmp / file.name)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_text_atomic(tmp / CARD, render_model_card(record, fields))
         record["files"] = {
@@ -555,11 +568,22 @@ def verify_release(
         shards = build_streamer(root, None, 2**62, blocks_path, resident=False)
     except CrepeError as exc:
         raise ReleaseError(f"the model in {root} cannot be read ({exc})") from None
-    measured = check_sparsity(shards.model, layers, pattern, blocks_path, selection, shards)
+    loaded = None
+    if shards.unreadable() is None:
+        measured = check_sparsity(shards.model, layers, pattern, blocks_path, selection, shards)
+    else:  # names converted on load (fused MoE experts): count on the loaded model, if it fits
+        if folder_streamer(root, max_memory, blocks_path) is not None:
+            raise ReleaseError(
+                f"the model in {root} stores {shards.unreadable()!r} under another name (transformers converts "
+                "it on load), so it cannot be verified block by block, and it does not fit under --max-memory; "
+                "raise --max-memory"
+            )
+        loaded = _load(root, device)
+        measured = check_sparsity(loaded[0], layers, pattern, blocks_path, selection)
     ppl = None
     if quick_ppl:
-        streamer = folder_streamer(root, max_memory, blocks_path)
-        model, tokenizer = (streamer.model, _tokenizer(root)) if streamer else _load(root, device)
+        streamer = folder_streamer(root, max_memory, blocks_path) if loaded is None else None
+        model, tokenizer = (streamer.model, _tokenizer(root)) if streamer else (loaded or _load(root, device))
         ppl = _check_smoke(model, tokenizer, manifest.get("smoke_test"), ppl_rtol, data_dir, streamer, device)
     return {
         "ok": True,

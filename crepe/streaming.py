@@ -113,6 +113,18 @@ class Streamer:
         self.outside = [(n, o, a) for n, o, a in _tensor_slots(model) if id(o) not in inside]
         self.resident_bytes = _slot_bytes(self.outside)
 
+    def unreadable(self) -> str | None:
+        """The first block tensor the checkpoint does not hold under the model's own name, or None.
+
+        transformers 5 converts some layouts on load (fused MoE experts are stored per expert in the
+        checkpoint), so such a model cannot be read block by block from its shards.
+        """
+        for i, block in enumerate(self.blocks):
+            for name, _, _ in _tensor_slots(block):
+                if f"{self.path}.{i}.{name}" not in self.checkpoint:
+                    return f"{self.path}.{i}.{name}"
+        return None
+
     # --- memory -------------------------------------------------------------------------------------
 
     def check_cap(self, dtype: torch.dtype) -> None:
@@ -324,6 +336,12 @@ def load_capped(
     if need <= cap:
         return load_model(spec, dtype=dtype, device=device)
     streamer = build_streamer(folder, torch_dtype, cap, blocks_path)
+    if (renamed := streamer.unreadable()) is not None:
+        raise CrepeError(
+            f"{spec!r} ({format_size(need)}) does not fit under --max-memory {format_size(cap)}, and its checkpoint "
+            f"stores {renamed!r} under another name (transformers converts it on load, e.g. fused MoE experts), "
+            "so it cannot be read block by block; raise --max-memory"
+        )
     from transformers import AutoTokenizer
 
     try:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from crepe.data import CALIB_SOURCES, EVAL_SOURCES, SPLITS
 from crepe.errors import CrepeError
@@ -259,6 +259,20 @@ class ModelSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype while pruning")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     blocks: str | None = Field(None, description="dotted path of the decoder block list (null: auto-detect)")
+    max_memory: str | None = Field(
+        None, description="host-memory cap such as 3GB: a model over it is streamed block by block (null: what is free)")
+
+    @field_validator("max_memory")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if value is not None:
+            from crepe.shards import parse_size
+
+            try:
+                parse_size(value)
+            except CrepeError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class DataSection(_Section):

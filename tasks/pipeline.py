@@ -169,17 +169,26 @@ def _load(cfg: Any, model_path: str, device: str | None = None) -> Any:
     """Load a model folder (on ``device``, default ``model.device``); one load at a time per process
     (transformers' meta-device initialisation is process-global, so two threads loading at once corrupt
     each other: "Cannot copy out of meta tensor")."""
-    from crepe.models import load_model
+    from crepe.streaming import load_capped
 
-    with _LOAD_LOCK:
-        return load_model(model_path, dtype=cfg.model.dtype, device=device or cfg.model.device)
+    with _LOAD_LOCK:  # over model.max_memory: a streamed model (blocks read from the shards when used)
+        return load_capped(model_path, dtype=cfg.model.dtype, device=device or cfg.model.device,
+                           max_memory=cfg.model.max_memory, blocks_path=cfg.model.blocks)
 
 
 def _search_context(cfg: Any, model: Mapping[str, Any], calib: Mapping[str, Any], budget: Any,
                     device: str | None = None) -> Any:
     from crepe.search.runs import SearchContext
 
+    from crepe.streaming import streamer_of
+
     lm = _load(cfg, model["path"], device)
+    if streamer_of(lm) is not None:
+        raise CrepeError(
+            f"PHO keeps the whole model and a dense copy in memory, and {cfg.model.spec!r} does not fit under "
+            f"model.max_memory ({cfg.model.max_memory or 'the memory available'}); set pho.enabled: false (with "
+            "prune.params) or raise model.max_memory"
+        )
     ctx = SearchContext.create(model["path"], cfg.prune.sparsity, budget, cfg.model.dtype, device or cfg.model.device,
                                cfg.prune.rule, cfg.model.blocks, lm=lm, selection=weight_selection(cfg))
     ctx.calibration = (_load_tokens(calib), calib["info"])  # the exact windows of the prepare step
@@ -399,29 +408,37 @@ def final_prune(cfg: Any, model: dict[str, Any], model_hash: str, calib: dict[st
     hashes as ``crepe prune`` records them, so ``crepe verify`` accepts the folder). Returns ``{"path", "sha256"`` (folder content hash), ``"prune"``
     (the resolved PruneConfig), ``"report"`` (sparsity, no timings)``}``."""
     from crepe.jobs import prune_loaded
+    from crepe.streaming import streamer_of
 
     started = _computed("final-prune")
     limit_threads(cfg)
     config = cfg.prune_config(params)
     lm = _load(cfg, model["path"])
-    report, _ = prune_loaded(lm, config, cfg.budget(), cfg.model.blocks, None, (_load_tokens(calib), calib["info"]))
-    full = report.as_dict()
-    summary = {k: v for k, v in full.items() if k not in ("seconds", "layers", "config")}
+    streamer = streamer_of(lm)  # over model.max_memory: each block is written to the shards once pruned
     out = work_dir(cfg) / "pruned" / _digest(model_hash, calib["sha256"], cfg.section_hash("prune"),
                                              cfg.section_hash("refine"), cfg.section_hash("allocation"), params)
-    manifest = {
-        "kind": "crepe-pruned-model",
-        "model": {"spec": cfg.model.spec, "content_hash": model_hash, "dtype": cfg.model.dtype,
-                  **({"hub": model["hub"]} if "hub" in model else {})},
-        "prune": {**summary, "config": full["config"],
-                  "layers": [{k: layer[k] for k in ("name", "kind", "shape", "zeros", "numel", "sparsity", "nm_valid")}
-                             for layer in full["layers"]]},
-        "data": {"calibration": calib["info"]},
-        "seed": cfg.calibration.seed,
-    }
     with atomic_dir(out, overwrite=True) as tmp:
-        lm.model.save_pretrained(tmp, safe_serialization=True)
-        lm.tokenizer.save_pretrained(tmp)
+        if streamer is not None:
+            streamer.begin_output(tmp)
+        report, _ = prune_loaded(lm, config, cfg.budget(), cfg.model.blocks, None,
+                                 (_load_tokens(calib), calib["info"]))
+        full = report.as_dict()
+        summary = {k: v for k, v in full.items() if k not in ("seconds", "layers", "config")}
+        manifest = {
+            "kind": "crepe-pruned-model",
+            "model": {"spec": cfg.model.spec, "content_hash": model_hash, "dtype": cfg.model.dtype,
+                      **({"hub": model["hub"]} if "hub" in model else {})},
+            "prune": {**summary, "config": full["config"],
+                      "layers": [{k: layer[k] for k in ("name", "kind", "shape", "zeros", "numel", "sparsity",
+                                                        "nm_valid")} for layer in full["layers"]]},
+            "data": {"calibration": calib["info"]},
+            "seed": cfg.calibration.seed,
+        }
+        if streamer is not None:
+            streamer.finish_output(lm.tokenizer)
+        else:
+            lm.model.save_pretrained(tmp, safe_serialization=True)
+            lm.tokenizer.save_pretrained(tmp)
         manifest["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
                              if p.is_file()}
         write_json_atomic(tmp / PRUNE_MANIFEST, manifest)  # deterministic: no timings, no machine paths
@@ -492,7 +509,10 @@ def evaluate(cfg: Any, model: dict[str, Any], eval_sha256: str) -> dict[str, Any
     if zs.tasks:
         from crepe.zeroshot import run_zero_shot
 
-        out = run_zero_shot(lm.model, lm.tokenizer, list(zs.tasks), zs.limit, zs.batch_size, cfg.data_dir())
+        from crepe.streaming import streamer_of
+
+        out = run_zero_shot(lm.model, lm.tokenizer, list(zs.tasks), zs.limit, zs.batch_size, cfg.data_dir(),
+                            streamer=streamer_of(lm))
         result["zero_shot"] = json.loads(json.dumps(out, default=str))
     return _finished(started, result)
 
@@ -506,6 +526,7 @@ def release(cfg: Any, model: dict[str, Any], lineage: dict[str, Any]) -> dict[st
     model, the model card and the manifest (``lineage`` + what write_release measures). Deterministic: the
     same inputs give byte-identical files. Returns ``{"path", "manifest_sha256", "files"}``."""
     from crepe.release import RELEASE_MANIFEST, SmokeTest, write_release
+    from crepe.streaming import streamer_of
 
     started = _computed("release")
     limit_threads(cfg)
@@ -513,7 +534,7 @@ def release(cfg: Any, model: dict[str, Any], lineage: dict[str, Any]) -> dict[st
     smoke = SmokeTest(source=cfg.data.eval_source, data_dir=cfg.data_dir())
     fields = {"title": f"{cfg.model_slug} pruned with {cfg.prune.method} at {cfg.prune.sparsity}"}
     out = write_release(lm.model, lm.tokenizer, cfg.release_dir(), lineage, fields, smoke=smoke, overwrite=True,
-                        blocks_path=cfg.model.blocks)
+                        blocks_path=cfg.model.blocks, streamer=streamer_of(lm))
     manifest = json.loads((out / RELEASE_MANIFEST).read_text())
     files = {name: entry["sha256"] for name, entry in manifest["files"].items()}
     result = {"path": str(out), "manifest_sha256": sha256_file(out / RELEASE_MANIFEST), "files": files,

@@ -44,6 +44,7 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "model.dtype": (*PRUNE_MODEL, "evaluate"),
     "model.device": (*PRUNE_MODEL, "evaluate"),  # the resolved kind (cpu/cuda): kernels round differently
     "model.blocks": PRUNE_MODEL,
+    "model.max_memory": (),  # streamed or in memory, the results are bit-identical (tests/test_streaming.py)
     "data.data_dir": ("calib-data", "eval-data[verify]", "eval-data[ppl]"),
     "data.calib_source": ("calib-data", "calibration-windows"),
     "data.eval_source": ("eval-data[verify]", "eval-data[ppl]", "verify-candidate", "evaluate"),
@@ -103,6 +104,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "model.spec": ("model.spec=/models/other", ()),
     "model.device": ("model.device=cuda", ()),  # auto is cpu here: only another device kind is a change
     "model.blocks": ("model.blocks=model.layers", ()),
+    "model.max_memory": ("model.max_memory=3GB", ()),
     "data.data_dir": ("data.data_dir=/data/other", ()),
     "prune.method": ("prune.method=ria", ("pho.enabled=false", "prune.params={}")),
     "prune.sparsity": ("prune.sparsity=4:8", ()),

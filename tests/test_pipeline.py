@@ -121,6 +121,43 @@ def test_relevant_change_misses_irrelevant_hits(project: Path, tmp_path: Path) -
     assert {"pho-screen", "verify-candidate", "final-prune", "evaluate", "release"} <= set(got)
 
 
+def _release_tensors(project: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted((project / "data" / "release").glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def test_model_over_max_memory_is_streamed_with_the_same_release(
+    project: Path, tmp_path: Path, tiny_model: Path
+) -> None:
+    """model.max_memory below the model: final-prune, evaluate and release read one block at a time from
+    the shards and give the in-memory run's weights, sparsity and perplexities; PHO refuses in one sentence."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from crepe.errors import CrepeError
+    from crepe.shards import Checkpoint
+
+    size = Checkpoint(tiny_model).nbytes()
+    cap = f"{int(size * 0.8)}B"  # above the tensors outside the blocks plus one block, below the model
+    streamed = run_flow(project, "pho.enabled=false", f"model.max_memory={cap}")
+    other = make_project(tmp_path / "in-memory", tiny_model)
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(tmp_path / "storage-2")}):
+        in_memory = run_flow(other, "pho.enabled=false")
+    assert streamed["evaluation"] == in_memory["evaluation"]
+    a, b = _release_tensors(project), _release_tensors(other)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    shards = lambda proj: len(list((proj / "data" / "release").glob("*.safetensors")))  # noqa: E731
+    assert (shards(project), shards(other)) == (3, 1)  # streamed: one shard outside the blocks + one per block
+    release = json.loads((project / "data" / "release" / "crepe_release.json").read_text())
+    reference = json.loads((other / "data" / "release" / "crepe_release.json").read_text())
+    assert release["sparsity"] == reference["sparsity"] and release["smoke_test"]["ppl"] == reference["smoke_test"]["ppl"]
+    with pytest.raises(CrepeError, match="PHO keeps the whole model and a dense copy in memory"):
+        run_flow(project, f"model.max_memory={cap}")
+
+
 def test_calibration_change_misses_everything_downstream(project: Path, tmp_path: Path) -> None:
     log = tmp_path / "computed.txt"
     run_flow(project, "pho.enabled=false")

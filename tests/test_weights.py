@@ -265,3 +265,14 @@ def test_pho_prunes_and_restores_the_same_weights_as_the_final_prune() -> None:
     assert "router" in report.by_kind()
     ctx.restore_dense()
     assert all(torch.equal(p, dense[n]) for n, p in model.named_parameters())
+
+
+def test_moe_checkpoint_with_converted_names_is_refused_by_the_streamed_path(tmp_path) -> None:
+    """transformers stores fused experts per expert: under a cap, one sentence; verify then needs memory."""
+    from crepe.streaming import load_capped
+
+    folder = tmp_path / "moe"
+    qwen3_moe().save_pretrained(folder)
+    word_tokenizer(128).save_pretrained(folder)
+    with pytest.raises(CrepeError, match=r"stores 'model\.layers\.0\.mlp\.experts\.gate_up_proj' under another name"):
+        load_capped(str(folder), max_memory="300KB")  # > resident + one block, < the model
