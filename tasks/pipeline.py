@@ -179,7 +179,6 @@ def _load(cfg: Any, model_path: str, device: str | None = None) -> Any:
 def _search_context(cfg: Any, model: Mapping[str, Any], calib: Mapping[str, Any], budget: Any,
                     device: str | None = None) -> Any:
     from crepe.search.runs import SearchContext
-
     from crepe.streaming import streamer_of
 
     lm = _load(cfg, model["path"], device)
@@ -507,9 +506,8 @@ def evaluate(cfg: Any, model: dict[str, Any], eval_sha256: str) -> dict[str, Any
     result: dict[str, Any] = {"ppl": ppl}
     zs = cfg.eval.zero_shot
     if zs.tasks:
-        from crepe.zeroshot import run_zero_shot
-
         from crepe.streaming import streamer_of
+        from crepe.zeroshot import run_zero_shot
 
         out = run_zero_shot(lm.model, lm.tokenizer, list(zs.tasks), zs.limit, zs.batch_size, cfg.data_dir(),
                             streamer=streamer_of(lm))
