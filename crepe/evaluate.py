@@ -71,6 +71,20 @@ def same_device(a: torch.device, b: torch.device) -> bool:
 
 
 @torch.no_grad()
+def add_nll(
+    nll: torch.Tensor, done: int, windows: torch.Tensor, batch_size: int, logits_iter: Iterator[torch.Tensor],
+    progress: Callable[[int, int], None] | None, total: int,
+) -> tuple[torch.Tensor, int]:
+    """Add the float64 NLL of ``windows`` (chunks of ``batch_size``, logits from ``logits_iter``) to ``nll``;
+    ``done`` counts windows for ``progress(done, total)``."""
+    for chunk, logits in zip(windows.split(batch_size), logits_iter):
+        nll += _window_nll(logits, chunk).to(torch.float64).sum().cpu()
+        done += chunk.shape[0]
+        if progress:
+            progress(done, total)
+    return nll, done
+
+
 def perplexity(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -104,13 +118,8 @@ def perplexity(
             model(input_ids=chunk.to(dev), use_cache=False).logits
             for chunk in windows.split(batch_size)
         )
-    nll = torch.zeros((), dtype=torch.float64)
-    done = 0
-    for chunk, logits in zip(windows.split(batch_size), logits_iter):
-        nll += _window_nll(logits, chunk).to(torch.float64).sum().cpu()
-        done += chunk.shape[0]
-        if progress:
-            progress(done, windows.shape[0])
+    nll, _ = add_nll(torch.zeros((), dtype=torch.float64), 0, windows, batch_size, logits_iter, progress,
+                     windows.shape[0])
     n = windows.shape[0]
     value = float(torch.exp(nll / (n * seqlen)))
     if not math.isfinite(value):

@@ -30,7 +30,7 @@ from torch import nn
 
 from crepe.blocks import find_blocks
 from crepe.errors import CrepeError
-from crepe.evaluate import PerplexityResult, _blockwise_logits, _window_nll, _windows
+from crepe.evaluate import PerplexityResult, _blockwise_logits, _windows, add_nll
 from crepe.models import (
     LoadedModel,
     ModelInfo,
@@ -234,11 +234,7 @@ class Streamer:
         for group in windows.split(per_pass):
             logits_iter = _blockwise_logits(self.model, group, batch_size, dev, self.path,
                                             self.start_block, self.end_block)
-            for chunk, logits in zip(group.split(batch_size), logits_iter):
-                nll += _window_nll(logits, chunk).to(torch.float64).sum().cpu()
-                done += chunk.shape[0]
-                if progress:
-                    progress(done, windows.shape[0])
+            nll, done = add_nll(nll, done, group, batch_size, logits_iter, progress, windows.shape[0])
         n = windows.shape[0]
         value = float(torch.exp(nll / (n * seqlen)))
         value = value if math.isfinite(value) else float("inf")
