@@ -223,8 +223,8 @@ def write_release(
 
     prune = manifest["prune"]
     pattern = _declared_pattern(prune)
-    sparsity = measure_layers(model, pattern, blocks_path or manifest.get("blocks_path"), prune.get("config"),
-                              streamer)
+    selection = prune.get("config") or prune  # a crepe prune manifest, or the pipeline's resolved PruneConfig
+    sparsity = measure_layers(model, pattern, blocks_path or manifest.get("blocks_path"), selection, streamer)
     _check_declared(prune, pattern, sparsity)
     record: dict[str, Any] = {"kind": RELEASE_KIND, "version": RELEASE_VERSION}
     record.update(json.loads(json.dumps(dict(manifest), default=str)))  # a private, JSON-clean copy

@@ -164,7 +164,8 @@ def _lineage(cfg: PipelineConfig, inputs: dict, calib: dict, pruned: dict, searc
         "base_model": {"spec": cfg.model.spec, "kind": inputs["model"]["kind"],
                        "content_hash": inputs["model"]["content_hash"],
                        **({"hub": inputs["model"]["hub"]} if "hub" in inputs["model"] else {})},
-        "prune": pruned["prune"],
+        "prune": {**pruned["prune"], **{k: pruned["report"][k] for k in ("by_kind", "skipped", "all_block_weights")
+                                        if k in pruned.get("report", {})}},
         "refine": {"method": cfg.refine.method, "params": cfg.refine.params},
         "data": {"calibration": calib["info"], "evaluation": inputs["evaluation"]},
         "config": cfg.to_dict(),

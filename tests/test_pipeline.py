@@ -158,6 +158,21 @@ def test_model_over_max_memory_is_streamed_with_the_same_release(
         run_flow(project, f"model.max_memory={cap}")
 
 
+def test_ignored_weights_are_released_dense_and_reported(project: Path) -> None:
+    from crepe.release import verify_release
+
+    run_flow(project, "pho.enabled=false", r"prune.ignore=mlp\.down_proj$")
+    folder = project / "data" / "release"
+    record = json.loads((folder / "crepe_release.json").read_text())
+    skipped = record["prune"]["skipped"]
+    assert {row["name"] for row in skipped} == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+    assert all(not layer["name"].endswith("down_proj") for layer in record["sparsity"]["layers"])
+    card = (folder / "README.md").read_text()
+    assert "- Left dense: 2 block weight matrices (2 excluded by ignore)" in card
+    assert "- Pruned weight kinds: linear 12 matrices at 0.5000." in card
+    assert verify_release(folder, quick_ppl=False)["layers_checked"] == 12
+
+
 def test_calibration_change_misses_everything_downstream(project: Path, tmp_path: Path) -> None:
     log = tmp_path / "computed.txt"
     run_flow(project, "pho.enabled=false")
