@@ -632,6 +632,8 @@ def prune_model(
                 forced = {n: weights[n] for n in fallbacks}
                 redo = _collect_stats(block, forced, inputs, i, dev, want_mean_var, want_hessian, frozenset(forced))
                 for n in forced:
+                    if redo.tokens(n) == 0:
+                        raise RuntimeError(f"internal error: the all-tokens pass gave expert weight {n} no tokens")
                     stats.replace(n, redo)
         block_sparsity = ratios[i] if ratios is not None else None
         t0 = time.perf_counter()

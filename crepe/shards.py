@@ -86,6 +86,8 @@ def read_header(file: Path) -> tuple[int, dict]:
             if len(raw) < 8:
                 raise CrepeError(f"weight file {file} is truncated (no header)")
             (n,) = struct.unpack("<Q", raw)
+            if 8 + n > file.stat().st_size:  # e.g. a Git LFS pointer instead of the weights
+                raise CrepeError(f"weight file {file} has a corrupt header (not a safetensors file; a Git LFS pointer?)")
             header = json.loads(fh.read(n))
     except OSError as exc:
         raise CrepeError(f"cannot read weight file {file}: {exc.strerror}") from None

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from crepe.errors import CrepeError
 from crepe.refine.dsnot import MeanVarAccumulator
 from crepe.sparsegpt import HessianAccumulator, gram
 from crepe.weights import PrunableWeight
@@ -104,16 +105,19 @@ class BlockStats:
             if where is not None:
                 per_parent.setdefault(where[0], set()).add(where[1])
         for parent, experts in per_parent.items():
-            self._hooks.append(modules[parent].register_forward_pre_hook(self._force_hook(modules[parent], experts)))
+            self._hooks.append(modules[parent].register_forward_pre_hook(
+                self._force_hook(modules[parent], experts), with_kwargs=True))
 
     # --- accumulation ---------------------------------------------------------------------------
 
-    def _add(self, name: str, x: torch.Tensor) -> None:
+    def _add(self, name: str, x: torch.Tensor, shared: bool = True) -> None:
+        """Accumulate ``x``; ``shared=False`` for an input no other weight sees (an expert's routed
+        tokens): its ``X^T X`` is not cached, so E experts do not hold 2E Gram matrices per chunk."""
         self.norms[name].add(x)
         if self.mean_var:
             self.mean_var[name].add(x)
         if self.hess:
-            self.hess[name].add(x, self._gram(x))
+            self.hess[name].add(x, self._gram(x) if shared else None)
 
     def _gram(self, x: torch.Tensor) -> torch.Tensor:
         for seen, g in self._grams:  # identity, not equality: the same tensor object in this forward
@@ -146,17 +150,20 @@ class BlockStats:
                 if x.shape[0] == 0:
                     continue
                 if up_name:
-                    self._add(up_name, x)
+                    self._add(up_name, x, shared=False)
                 if down_name:
-                    self._add(down_name, _expert_hidden(module, up_attr, e, x))
+                    self._add(down_name, _expert_hidden(module, up_attr, e, x), shared=False)
 
         return record
 
     def _force_hook(self, parent: nn.Module, experts: set[int]) -> Callable[..., None]:
-        def run_all(_mod: nn.Module, args: tuple[Any, ...]) -> None:
-            if not args:
-                return
-            hidden = args[0]
+        def run_all(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+            if not isinstance(hidden, torch.Tensor):
+                raise CrepeError(
+                    f"cannot find the input of MoE module {type(parent).__name__} to calibrate its starved experts "
+                    "on all tokens; use moe_fallback magnitude"
+                )
             flat = hidden.reshape(-1, hidden.shape[-1])
             self._forcing = True
             try:

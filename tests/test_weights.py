@@ -276,3 +276,11 @@ def test_moe_checkpoint_with_converted_names_is_refused_by_the_streamed_path(tmp
     word_tokenizer(128).save_pretrained(folder)
     with pytest.raises(CrepeError, match=r"stores 'model\.layers\.0\.mlp\.experts\.gate_up_proj' under another name"):
         load_capped(str(folder), max_memory="300KB")  # > resident + one block, < the model
+
+
+def test_git_lfs_pointer_is_a_corrupt_header_not_a_memory_error(tmp_path) -> None:
+    from crepe.shards import Checkpoint
+
+    (tmp_path / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 9\n")
+    with pytest.raises(CrepeError, match="has a corrupt header"):
+        Checkpoint(tmp_path)
