@@ -569,12 +569,13 @@ def verify_release(
     except CrepeError as exc:
         raise ReleaseError(f"the model in {root} cannot be read ({exc})") from None
     loaded = None
-    if shards.unreadable() is None:
+    renamed = shards.unreadable()
+    if renamed is None:
         measured = check_sparsity(shards.model, layers, pattern, blocks_path, selection, shards)
     else:  # names converted on load (fused MoE experts): count on the loaded model, if it fits
         if folder_streamer(root, max_memory, blocks_path) is not None:
             raise ReleaseError(
-                f"the model in {root} stores {shards.unreadable()!r} under another name (transformers converts "
+                f"the model in {root} stores {renamed!r} under another name (transformers converts "
                 "it on load), so it cannot be verified block by block, and it does not fit under --max-memory; "
                 "raise --max-memory"
             )

@@ -265,7 +265,7 @@ def _add_prepare_parser(sub: Any) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from flows.config import config_from_args
-    from flows.prepare import write_inputs
+    from tasks.prepare import write_inputs
 
     cfg = config_from_args(args)
     path = write_inputs(cfg, args.out)

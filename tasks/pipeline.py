@@ -204,7 +204,7 @@ def resolve_inputs(cfg: Any) -> dict[str, Any]:
     Returns ``{"model": {"spec", "kind", "path", "content_hash"[, "hub"]}, "calibration": {...sha256},
     "evaluation": {split: {...sha256}}}`` (never cached: this *is* the content identity)."""
     from crepe.models import resolve_source
-    from flows.prepare import prepare_inputs
+    from tasks.prepare import prepare_inputs
 
     limit_threads(cfg)
     resolved = resolve_source(cfg.model.spec)
@@ -259,7 +259,7 @@ def compute_identity(cfg: Any) -> dict[str, Any]:
 
     try:
         device = resolve_device(cfg.model.device).type
-    except CrepeError:
+    except CrepeError:  # e.g. cuda on a machine without it: the key names it; loading then fails in one sentence
         device = str(cfg.model.device)
     return {"dtype": cfg.model.dtype, "blocks": cfg.model.blocks, "device": device,
             "calib_batch_size": cfg.calibration.batch_size}
@@ -460,11 +460,11 @@ def _refine_none(cfg: Any, pruned: Mapping[str, Any]) -> dict[str, Any]:
 
 def refiners() -> dict[str, Callable[[Any, Mapping[str, Any]], dict[str, Any]]]:
     """``refine.method`` -> fn(cfg, pruned) -> pruned-like dict: ``none`` passes through; every method of
-    :data:`flows.config.REFINE_METHODS` that the pruner applies in-block is recorded; a post-hoc
+    :data:`crepe.refine.REFINES` (the pruner applies them in-block) is recorded; a post-hoc
     refinement (a new folder written atomically) would register itself in :data:`REFINERS`."""
-    from flows.config import REFINE_METHODS
+    from crepe.refine import REFINES
 
-    return {**{name: _refine_in_prune for name in REFINE_METHODS if name != "none"}, "none": _refine_none,
+    return {**{name: _refine_in_prune for name in REFINES}, "none": _refine_none,
             **REFINERS}
 
 

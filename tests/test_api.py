@@ -31,3 +31,20 @@ def test_import_crepe_pulls_in_no_orchestration_or_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_layers_import_downward_only():
+    """crepe/ imports neither tasks/ nor flows/; tasks/ never imports flows/ (statically, any depth)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    forbidden = {"crepe": ("tasks", "flows", "prefect", "mlflow", "dvc"), "tasks": ("flows",)}
+    bad = []
+    for package, banned in forbidden.items():
+        for file in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(file.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                bad += [f"{file.relative_to(root)}: {n}" for n in names if n.split(".")[0] in banned]
+    assert bad == []

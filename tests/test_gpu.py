@@ -36,6 +36,7 @@ from crepe.pruner import PruneConfig, PruneReport, expected_pruned, prune_model
 from crepe.sparsegpt import HessianAccumulator, gram
 from crepe.types import parse_sparsity
 from crepe.weights import PrunableWeight, prunable_weights
+from tests.test_cli import run as cli  # the CLI runner: exit code, stdout, stderr
 
 pytestmark = [
     pytest.mark.gpu,
@@ -382,17 +383,6 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.local_models import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("gpu-cli") / "tiny")
-
-
-def cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    from flows.cli import main
-
-    try:
-        code = main(["--no-progress", *argv])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("method", ["wanda", "crepe", "sparsegpt"])

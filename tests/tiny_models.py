@@ -26,12 +26,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-VOCAB = 128
-HIDDEN = 64
-INTERMEDIATE = 128
-N_HEADS = 4
-N_KV_HEADS = 2
-HEAD_DIM = 16
+from bench.families import COMMON, HEAD_DIM, HIDDEN, INTERMEDIATE, N_HEADS, N_KV_HEADS, VOCAB  # noqa: F401
+
 SLIDING_WINDOW = 4
 DEFAULT_ATTN = "eager"
 
@@ -40,21 +36,8 @@ GEMMA3_LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"
 
 
 def _config_kwargs(n_layers: int, **overrides: Any) -> dict[str, Any]:
-    return {
-        "vocab_size": VOCAB,
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": n_layers,
-        "num_attention_heads": N_HEADS,
-        "num_key_value_heads": N_KV_HEADS,
-        "head_dim": HEAD_DIM,
-        "max_position_embeddings": 128,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "use_cache": False,
-        **overrides,
-    }
+    """The tiny Llama-like config shared with the architecture matrix (bench/families.py)."""
+    return {**COMMON, "num_hidden_layers": n_layers, **overrides}
 
 
 def _build(config_cls: type, model_cls: type, attn: str, seed: int, **config_kwargs: Any) -> nn.Module:

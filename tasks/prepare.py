@@ -14,12 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flows.config import PipelineConfig
-
 INPUTS_FILE = "inputs.json"
 
 
-def prepare_inputs(cfg: PipelineConfig, resolved: tuple[str, Any, str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def prepare_inputs(cfg: Any, resolved: tuple[str, Any, str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Model and data identities of ``cfg`` (reads the data files once to hash them; loads no weights).
     ``resolved``: what :func:`crepe.models.resolve_source` returned for ``cfg.model.spec``, if known."""
     from crepe.data import load_calibration_docs, load_eval_text
@@ -44,7 +42,7 @@ def _identity(info: Any) -> dict[str, Any]:
     return {k: v for k, v in info.as_dict().items() if k != "path"}
 
 
-def write_inputs(cfg: PipelineConfig, out_dir: str | Path) -> Path:
+def write_inputs(cfg: Any, out_dir: str | Path) -> Path:
     """Write :func:`prepare_inputs` to ``out_dir/inputs.json`` (the folder replaced atomically)."""
     from crepe.io import atomic_dir, write_json_atomic
 
