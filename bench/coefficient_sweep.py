@@ -13,9 +13,11 @@ import argparse
 import json
 
 from crepe import data
+from crepe.budget import Budget
 from crepe.evaluate import perplexity
-from crepe.jobs import Budget, build_config, prune_loaded
 from crepe.models import load_model
+from crepe.prune_config import build_config
+from crepe.run import prune_loaded
 
 GRID = [
     (1.0, 1.0, 0.0),  # RIA

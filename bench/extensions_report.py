@@ -27,10 +27,13 @@ import torch
 
 from bench._common import command_line, machine_info, md_table, now
 from crepe import data as data_mod
+from crepe.budget import Budget, calibration_windows
 from crepe.errors import CrepeError
 from crepe.io import write_json_atomic, write_text_atomic
-from crepe.jobs import Budget, build_config, calibrate, evaluate_loaded, load_params_file, prune_loaded
 from crepe.models import load_model
+from crepe.prune_config import build_config
+from crepe.run import evaluate_loaded, prune_loaded
+from tasks.search_jobs import load_params_file
 
 NM_METHODS = ("magnitude", "wanda", "sparsegpt", "ria", "crepe")
 SCORE_METHODS = ("wanda", "ria", "crepe")
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     lm = load_model(args.model)
     tokens = data_mod.get_eval_tokens(lm.tokenizer, "test", budget.eval_source, budget.data_dir)
-    calibration = calibrate(lm, budget)
+    calibration = calibration_windows(lm.tokenizer, budget)
     if "dense" not in done:
         done["dense"] = {"ppl": evaluate_loaded(lm, budget, "test", None, tokens)["ppl"]}
         write_json_atomic(rows_path, done)

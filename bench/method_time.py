@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     info, date, started = machine_info(), now(), time.perf_counter()
 
     from crepe.data import get_calibration
-    from crepe.jobs import build_config
     from crepe.models import load_model
+    from crepe.prune_config import build_config
     from crepe.pruner import prune_model
 
     configs = {

@@ -29,11 +29,12 @@ from typing import Any
 import torch
 
 from bench._common import command_line, machine_info, md_table, now
+from crepe.budget import Budget
 from crepe.io import write_json_atomic, write_text_atomic
-from crepe.jobs import Budget
-from crepe.search.runs import SearchContext, run_hill_climb, run_proxy_study, run_search
+from crepe.search.context import SearchContext
 from crepe.search.space import RIA_POINT
 from crepe.types import parse_sparsity
+from tasks.search_jobs import run_hill_climb, run_proxy_study, run_search
 
 SAMPLERS = ("cmaes", "tpe", "random")
 

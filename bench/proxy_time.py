@@ -32,10 +32,10 @@ from bench._common import (
     should_write,
     update_section,
 )
-from crepe.jobs import Budget
+from crepe.budget import Budget
+from crepe.search.context import CMA_SIGMA, SearchContext, cma_start_mean
 from crepe.search.driver import screen
 from crepe.search.objective import ProxyObjective
-from crepe.search.runs import CMA_SIGMA, SearchContext, cma_start_mean
 from crepe.search.space import SearchSpace
 from crepe.types import parse_sparsity
 

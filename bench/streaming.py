@@ -1,8 +1,8 @@
 """Benchmark: pruning a model larger than ``--max-memory``, streamed block by block, against the in-memory prune.
 
 A synthetic LLaMA-shaped model (random weights, seeded) is written straight to safetensors shards, one
-block at a time, so the model is never whole in memory. Then ``crepe.jobs.run_prune`` runs twice, each in
-a fresh child process: streamed under ``--max-memory`` and, when the model fits in the machine's
+block at a time, so the model is never whole in memory. Then ``tasks.prune.prune_to_folder`` (what
+``crepe prune`` runs) runs twice, each in a fresh child process: streamed under ``--max-memory`` and, when the model fits in the machine's
 available memory, in memory. Each child reports its wall time and its whole-process peak RSS (VmHWM,
 imports included). The parent compares the two output folders tensor by tensor (read one at a time).
 
@@ -98,15 +98,23 @@ def build_model(folder: Path, tokenizer_spec: str, size_gb: float, hidden: int, 
 def child(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from crepe.jobs import Budget, build_config, run_prune
+    from tasks.config import load_config
+    from tasks.inputs import resolve
+    from tasks.prune import prune_to_folder
 
-    budget = Budget(calib_samples=args.calib_samples, seqlen=args.seqlen, seed=0, calib_source=args.calib_source)
-    config = build_config(args.method, args.sparsity)
+    # `crepe prune --model M --method X --sparsity S --out O [--max-memory CAP]` with the calibration budget
+    sets = [f"model.spec={json.dumps(args.model)}", f"prune.method={args.method}",
+            f"prune.sparsity={json.dumps(args.sparsity)}", "pho.enabled=false", f"calibration.samples={args.calib_samples}",
+            f"calibration.seqlen={args.seqlen}", "calibration.seed=0", f"data.calib_source={args.calib_source}"]
+    if args.cap:
+        sets.append(f"model.max_memory={json.dumps(args.cap)}")
     t0 = time.perf_counter()
-    manifest = run_prune(args.model, config, args.out, budget, max_memory=args.cap)
+    cfg = load_config(None, sets)
+    result = prune_to_folder(cfg, resolve(cfg)["model"], args.out)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "peak_rss": _hwm(), "streamed": manifest["model"]["extra"].get("streamed"),
-                      "timings": manifest["timings"], "sparsity": manifest["prune"]["overall_sparsity"],
+    manifest = result["manifest"]
+    print(json.dumps({"seconds": seconds, "peak_rss": _hwm(), "streamed": manifest["model"]["streamed"],
+                      "timings": result["timings"], "sparsity": manifest["prune"]["overall_sparsity"],
                       "layers": [(x["name"], x["zeros"]) for x in manifest["prune"]["layers"]],
                       "calibration": (manifest["data"]["calibration"] or {}).get("tokens_sha256")}))
     return 0
@@ -193,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if memory:
         rows.append(["in memory", f"{shape['bytes'] / GB:.2f}", "-", f"{memory['peak_rss'] / GB:.2f}",
                      f"{memory['seconds']:.1f}", f"{memory['timings']['prune_total']:.1f}"])
-    table = md_table(["run", "model GB", "cap GB", "peak RSS GB", "run_prune s", "prune s"], rows)
+    table = md_table(["run", "model GB", "cap GB", "peak RSS GB", "prune_to_folder s", "prune s"], rows)
     ratio = streamed["seconds"] / memory["seconds"] if memory else None
     below = streamed["peak_rss"] < cap
     identical = bool(same and same["names_equal"] and same["weights_equal"] == same["masks_equal"] == same["n_tensors"])
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{shape['layers'] + 1} safetensors shards (one block is {shape['block_bytes'] / GB:.3f} GB, the tensors "
         f"outside the blocks {shape['outside_bytes'] / GB:.3f} GB), written block by block in {build_s:.0f} s. "
         f"`{args.method}` at {args.sparsity}, calibration {args.calib_samples} x {args.seqlen} tokens; each run is "
-        f"`crepe.jobs.run_prune` in a fresh process (load, calibration, prune, save); peak RSS = VmHWM of the whole "
+        f"`tasks.prune.prune_to_folder` in a fresh process (load, calibration, prune, save); peak RSS = VmHWM of the whole "
         f"process, imports included. Available memory at the start: {available / GB:.1f} GB.\n\n{table}\n\n"
         + (f"Streamed / in memory wall time: **{ratio:.2f}**. Output folders: {same['n_tensors']} tensors, "
            f"{same['weights_equal']} bit-identical weights, {same['masks_equal']} identical masks."

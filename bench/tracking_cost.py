@@ -43,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from tasks.tracking import Tracker
+    from tasks.tracking import open_tracker
 
     with tempfile.TemporaryDirectory(prefix="crepe-bench-mlflow-") as tmp:
         root = Path(tmp)
         pho = synthetic_pho(root, args.trials, args.verified)
-        tracker = Tracker(None, root / "project")
+        tracker = open_tracker(None, root / "project")
         t0 = time.perf_counter()
         tracker.check()
         check_s = time.perf_counter() - t0

@@ -5,17 +5,21 @@ WikiText-2 test windows of ``--seqlen`` tokens, ``--ppl-batch`` windows per forw
 (``crepe.evaluate.perplexity``). Zero-shot: the lm-eval requests of the first ``--limit`` documents
 of every task (built once, 0-shot), scored three ways:
 
-- ``stock``: lm-eval's own ``HFLM`` around the live model (its ``_loglikelihood_tokens``);
-- ``rows``: crepe's ``LiveHFLM`` with ``pack=False`` (lm-eval's rows; vocabulary logits only where read,
-  contexts tokenised once) - bit-identical scores;
-- ``packed``: ``LiveHFLM`` (each context once per document, its choices in the same row).
+- ``stock``: lm-eval's own ``HFLM`` around the live model (``crepe.zeroshot.scorer.stock_hflm``);
+- ``rows``: crepe's ``PackedLM`` (``crepe.zeroshot.scorer``) with ``pack=False`` (lm-eval's rows; vocabulary
+  logits only where read, contexts tokenised once) - bit-identical scores;
+- ``packed``: ``PackedLM`` (each context once per document, its choices in the same row).
+
+Every mode is called through lm-eval's public model interface (``loglikelihood``).
 
 Tokens per second counts *request tokens*: the tokens stock lm-eval feeds the model for these requests
 (``(context + continuation)[:-1]`` per request; one row for one-token continuations sharing a
 context), so the three zero-shot rates divide the same work and their ratios are speedups. ``model
 tok/s`` counts the tokens each mode really fed the model. Perplexity tokens are windows x seqlen.
 After one untimed warm-up of everything, ``--repeats`` interleaved rounds ppl, stock, rows, packed;
-medians. Tokenisation (``_encode_pair`` over all requests) is timed separately for stock and crepe.
+medians. Tokenisation of all request pairs is timed separately: stock as ``HFLM`` splits a pair (its public
+``tok_encode`` on context + continuation and on the context, for every pair) and crepe's
+``PackedLM.encode_requests`` (each context once).
 
     .venv/bin/python -m bench.zeroshot_speed [--quick] [--limit 20] [--tasks all] [--repeats 3]
 """
@@ -56,6 +60,18 @@ def _requests(tasks: dict[str, Any], limit: int) -> list[Any]:
     return reqs
 
 
+def _stock_split(stock: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """A request pair split as lm-eval's HFLM splits it, with its public ``tok_encode``: trailing context spaces
+    move to the continuation, then context + continuation and the context are each encoded (every pair)."""
+    if not context:
+        return [stock.prefix_token_id], stock.tok_encode(continuation, add_special_tokens=False)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole, ctx = stock.tok_encode(context + continuation), stock.tok_encode(context)
+    return ctx, whole[len(ctx):]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.zeroshot_speed", description=__doc__.splitlines()[0])
     add_common_args(parser)
@@ -76,12 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     info, date, started = machine_info(), now(), time.perf_counter()
 
-    from lm_eval.models.huggingface import HFLM
-
     from crepe.data import get_eval_tokens
     from crepe.evaluate import perplexity
     from crepe.models import load_model
-    from crepe.zeroshot import build_tasks, live_hflm, parse_tasks, quiet_lm_eval, resolve_sources
+    from crepe.zeroshot import build_tasks, parse_tasks, resolve_sources
+    from crepe.zeroshot.scorer import PackedLM, stock_hflm
 
     lm = load_model(args.model, device="cpu")
     names = parse_tasks(args.tasks)
@@ -91,12 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     load_s = time.perf_counter() - t0
     reqs = _requests(tasks, limit)
     ids, eval_info = get_eval_tokens(lm.tokenizer, "test")
-    with quiet_lm_eval():
-        stock = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=args.batch_size)
+    stock = stock_hflm(lm.model, lm.tokenizer, args.batch_size)
     wrappers = {
         "stock": stock,
-        "rows": live_hflm(lm.model, lm.tokenizer, args.batch_size, pack=False),
-        "packed": live_hflm(lm.model, lm.tokenizer, args.batch_size, pack=True),
+        "rows": PackedLM(lm.model, lm.tokenizer, args.batch_size, pack=False),
+        "packed": PackedLM(lm.model, lm.tokenizer, args.batch_size, pack=True),
     }
 
     def run_ppl() -> tuple[float, int]:
@@ -127,16 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench.zeroshot_speed] round {r + 1}/{repeats}: " + ", ".join(
             f"{k} {median(v[-1:]):.2f} s" for k, v in times.items()), flush=True)
 
-    def tokenise_s(w: Any) -> float:
-        pairs = [r.args for r in reqs]
-        if hasattr(w, "_context_cache"):
-            w._context_cache.clear()
-        t = time.perf_counter()
-        for c, x in pairs:
-            w._encode_pair(c, x)
-        return time.perf_counter() - t
-
-    tok_s = {"stock": tokenise_s(stock), "crepe": tokenise_s(live)}
+    pairs = [r.args for r in reqs]
+    t = time.perf_counter()
+    for c, x in pairs:
+        _stock_split(stock, c, x)
+    tok_s = {"stock": time.perf_counter() - t}
+    t = time.perf_counter()
+    PackedLM(lm.model, lm.tokenizer, args.batch_size).encode_requests(pairs)  # a fresh scorer: no context reused
+    tok_s["crepe"] = time.perf_counter() - t
     wall = time.perf_counter() - started
 
     ppl_rate = ppl_tokens / median(times["ppl"])

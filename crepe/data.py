@@ -16,6 +16,7 @@ import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Any
 
 import torch
@@ -87,8 +88,6 @@ def _hub_allowed() -> bool:
 
 
 def _pydoc_docs() -> list[str]:
-    from pydoc_data.topics import topics
-
     return [topics[k] for k in sorted(topics)]
 
 
@@ -125,7 +124,7 @@ def load_calibration_docs(source: str = "auto", data_dir: str | Path | None = No
             raise CrepeError(f"local C4 sample not found ({errors[-1]}); set --data-dir or CREPE_DATA_DIR")
     if source in ("auto", "c4", "c4-hub") and (_hub_allowed() or source == "c4-hub"):
         try:
-            from datasets import load_dataset
+            from datasets import load_dataset  # optional ("eval" extra) and slow to import: only for the hub
 
             ds = load_dataset("allenai/c4", data_files={"train": C4_HUB_SHARD}, split="train")
             docs = [d for d in ds["text"] if d.strip()]
@@ -214,7 +213,7 @@ def load_eval_text(
             raise CrepeError(f"local WikiText-2 not found ({errors[-1]}); set --data-dir or CREPE_DATA_DIR")
     if source in ("auto", "wikitext2", "wikitext2-hub") and (_hub_allowed() or source == "wikitext2-hub"):
         try:
-            from datasets import load_dataset
+            from datasets import load_dataset  # optional ("eval" extra) and slow to import: only for the hub
 
             ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
             rows = list(ds["text"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -11,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from crepe.errors import CrepeError
 
 _CHUNK = 1 << 20
 
@@ -94,8 +97,6 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def save_figure_atomic(fig: Any, path: str | Path, **savefig_kwargs: Any) -> Path:
     """Render a matplotlib figure as PNG in memory and write it atomically to ``path``."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", **savefig_kwargs)
     write_bytes_atomic(path, buf.getvalue())
@@ -104,8 +105,6 @@ def save_figure_atomic(fig: Any, path: str | Path, **savefig_kwargs: Any) -> Pat
 
 def read_json(path: str | Path, what: str) -> Any:
     """The JSON content of ``path``; a missing file or invalid JSON is a CrepeError naming ``what``."""
-    from crepe.errors import CrepeError
-
     file = Path(path)
     if not file.is_file():
         raise CrepeError(f"{what} {file} does not exist")

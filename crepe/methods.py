@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from crepe import sparsegpt as _sparsegpt
 from crepe.errors import CrepeError
 from crepe.scoring import SCORERS, Scorer
 
@@ -84,8 +85,6 @@ def resolve_method_params(name: str, params: Mapping[str, Any] | None) -> dict[s
         method.check(full)
     return full
 
-
-from crepe import sparsegpt as _sparsegpt  # noqa: E402
 
 register_updater(
     "sparsegpt",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from crepe.errors import CrepeError
 from crepe.hub import is_hub_spec, resolve_hub
@@ -154,8 +155,6 @@ def embedded_gguf_path(entry: EmbeddedModel) -> Path:
         target = cache_dir() / "gguf" / entry.gguf_name
         if target.is_file() and target.stat().st_size > 0:
             return target
-        import importlib
-
         try:
             assembler = importlib.import_module(entry.package)
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -192,7 +191,7 @@ def convert_gguf(gguf: Path, digest: str, name: str) -> Path:
     target = cache_dir() / "models" / f"{name}-{digest[:16]}"
     if (target / SOURCE_FILE).is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # heavy (seconds): lazy
 
     print(f"[crepe] converting {gguf.name} to a float32 safetensors folder (once): {target}")
     try:
@@ -228,8 +227,6 @@ def check_model_folder(path: Path) -> None:
     weights = sorted(path.glob("*.safetensors"))
     if not weights and not list(path.glob("*.bin")):
         raise CrepeError(f"{path} holds no weight files (*.safetensors or *.bin)")
-    from safetensors import safe_open
-
     for file in weights:
         try:
             with safe_open(str(file), framework="pt") as fh:
@@ -317,8 +314,8 @@ def load_model(
     dev = resolve_device(device)
     started = time.perf_counter()
     kind, where, digest, extra = resolve_source(spec)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy (seconds): lazy
+    from transformers.utils import logging as hf_logging  # heavy: transformers loads with the model
 
     hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar; crepe shows its own
 

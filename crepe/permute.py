@@ -222,7 +222,7 @@ def lsa_value_matrix(permuted: torch.Tensor, pattern: NMPattern, slot: int) -> t
 
 def _solve_assignment(value: torch.Tensor) -> torch.Tensor:
     try:
-        from scipy.optimize import linear_sum_assignment
+        from scipy.optimize import linear_sum_assignment  # heavy: only LSA needs scipy.optimize
     except ImportError as exc:  # scipy is in the "search" extra
         raise CrepeError("LSA channel permutation needs scipy; install the 'search' extra") from exc
     rows, cols = linear_sum_assignment(value.cpu().numpy(), maximize=True)

@@ -57,7 +57,7 @@ def git_state() -> dict[str, Any]:
 
 
 def code_version() -> dict[str, Any]:
-    from crepe import __version__
+    from crepe import __version__  # here: crepe/__init__ sets it after importing its modules (cycle)
 
     return {"crepe_version": __version__, "source_sha256": source_hash(), **git_state()}
 

@@ -265,7 +265,7 @@ def build_streamer(
 ) -> Streamer:
     """The model of ``folder`` on the meta device with its non-block tensors read in (dtype None: config's;
     ``resident=False``: only the blocks will be read, e.g. to count zeros)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig  # heavy (seconds): lazy
 
     root = Path(folder)
     checkpoint = Checkpoint(root)
@@ -338,7 +338,7 @@ def load_capped(
             f"stores {renamed!r} under another name (transformers converts it on load, e.g. fused MoE experts), "
             "so it cannot be read block by block; raise --max-memory"
         )
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy (seconds): lazy
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -367,7 +367,7 @@ def folder_streamer(folder: str | Path, max_memory: str | int | None = None, blo
     cap = resolve_max_memory(max_memory)
     if not list(root.glob("*.safetensors")):
         return None
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy (seconds): lazy
 
     dtype = getattr(AutoConfig.from_pretrained(root), "dtype", None)
     dtype = parse_dtype(dtype) if isinstance(dtype, (str, torch.dtype)) else None

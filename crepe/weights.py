@@ -87,7 +87,7 @@ class BlockWeights:
 
 def _conv1d_type() -> type | None:
     try:
-        from transformers.pytorch_utils import Conv1D
+        from transformers.pytorch_utils import Conv1D  # heavy (~0.7 s): lazy, only GPT-2-style models use it
     except ImportError:  # pragma: no cover - transformers is a dependency
         return None
     return Conv1D

@@ -28,12 +28,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from crepe.errors import CrepeError
 from crepe.hub import is_hub_spec
-from flows.config import PipelineConfig, load_config
+from crepe.models import check_model_folder, resolve_source
+from tasks import gpus as gpu_runtime
 from tasks import pipeline as T
-from tasks.transfer import transfer_table
+from tasks.common import limit_threads
+from tasks.config import PipelineConfig, load_config
+from tasks.tracking import open_tracker
+from tasks.transfer import best_source_config, transfer_table
 
 DASK_PROBE_S = 3.0
-STEPS = ("search", "prune", "evaluate", "release")  # `crepe pipeline --until STEP`; release = the whole flow
+STEPS = T.STEPS  # `crepe pipeline --until STEP`; release = the whole flow
 
 
 def say(text: str) -> None:
@@ -81,15 +85,13 @@ def task_runner(cfg: PipelineConfig, gpus: Sequence[str] | None = None) -> Any:
     ``model.device`` is cuda/auto and GPUs are visible, one pinned worker per GPU, see :mod:`tasks.gpus`).
     ``gpus``: the visible GPUs' physical ids (default: this machine's)."""
     if cfg.runner.backend == "dask":
-        from prefect_dask import DaskTaskRunner
-
-        from tasks.gpus import dask_cluster_spec, spreads, visible_gpus
+        from prefect_dask import DaskTaskRunner  # optional: only runner.backend dask needs it
 
         if cfg.runner.dask_address:
             return DaskTaskRunner(address=cfg.runner.dask_address)
-        gpus = visible_gpus() if gpus is None else list(gpus)
-        return DaskTaskRunner(**dask_cluster_spec(cfg.runner.max_workers,
-                                                  gpus if spreads(cfg.model.device, len(gpus)) else []))
+        gpus = gpu_runtime.visible_gpus() if gpus is None else list(gpus)
+        return DaskTaskRunner(**gpu_runtime.dask_cluster_spec(cfg.runner.max_workers,
+                                                  gpus if gpu_runtime.spreads(cfg.model.device, len(gpus)) else []))
     return ThreadPoolTaskRunner(max_workers=cfg.runner.max_workers)
 
 
@@ -99,17 +101,11 @@ def preflight(cfg: PipelineConfig, tracking: bool = True) -> None:
     ``tracking.enabled``) and the Dask scheduler are reachable (each failure: one CrepeError sentence)."""
     spec = cfg.model.spec
     if not spec.startswith(("embedded:", "hf:")) and (spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()):
-        from crepe.models import check_model_folder
-
         check_model_folder(Path(spec).expanduser())
     elif is_hub_spec(spec):
-        from crepe.models import resolve_source
-
         resolve_source(spec)
     if tracking and cfg.tracking.enabled:
-        from tasks.tracking import Tracker
-
-        Tracker(cfg.tracking_uri(), cfg.project_root, experiment=cfg.tracking.experiment).check()
+        open_tracker(cfg.tracking_uri(), cfg.project_root, experiment=cfg.tracking.experiment).check()
     if cfg.runner.backend == "dask" and cfg.runner.dask_address:
         check_dask_address(cfg.runner.dask_address)
 
@@ -118,7 +114,7 @@ def preflight(cfg: PipelineConfig, tracking: bool = True) -> None:
 
 
 def _inputs(cfg: PipelineConfig) -> tuple[dict, dict]:
-    T.limit_threads(cfg)
+    limit_threads(cfg)
     inputs = _call(T.resolve_inputs, cfg)
     model = inputs["model"]
     say(f"model {model['spec']} ({model['kind']}, content {model['content_hash'][:12]})")
@@ -146,50 +142,6 @@ def _search(cfg: PipelineConfig, inputs: dict, calib: dict) -> dict[str, Any]:
     return summary
 
 
-def _lineage(cfg: PipelineConfig, inputs: dict, calib: dict, pruned: dict, search: dict | None,
-             evaluation: dict) -> dict[str, Any]:
-    """The release manifest's lineage: no machine paths of the work folder, no timings (byte-identical
-    releases across reruns and work folders)."""
-    ppl = evaluation["ppl"]
-    metrics: dict[str, Any] = {"ppl": {"value": ppl["ppl"], "split": ppl["split"], "seqlen": ppl["seqlen"],
-                                       "n_windows": ppl["n_windows"]}}
-    if "zero_shot" in evaluation:
-        metrics["zero_shot"] = evaluation["zero_shot"]
-    work = T.work_dir(cfg)
-    ref = None
-    if search is not None:
-        ref = {"path": Path(search["path"]).relative_to(work).as_posix(), "sha256": search["sha256"],
-               "winner": search["winner"], "n_trials": search["n_trials"], "n_verified": search["n_verified"]}
-    return {
-        "base_model": {"spec": cfg.model.spec, "kind": inputs["model"]["kind"],
-                       "content_hash": inputs["model"]["content_hash"],
-                       **({"hub": inputs["model"]["hub"]} if "hub" in inputs["model"] else {})},
-        "prune": {**pruned["prune"], **{k: pruned["report"][k] for k in ("by_kind", "skipped", "all_block_weights")
-                                        if k in pruned.get("report", {})}},
-        "refine": {"method": cfg.refine.method, "params": cfg.refine.params},
-        "data": {"calibration": calib["info"], "evaluation": inputs["evaluation"]},
-        "config": cfg.to_dict(),
-        "config_sha256": cfg.config_hash(),
-        "search": ref,
-        "metrics": metrics,
-        "pipeline": {"code_sha256": T.code_version(), "pruned_sha256": pruned["sha256"]},
-    }
-
-
-def _metrics(evaluation: dict, released: dict | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"ppl": {evaluation["ppl"]["split"]: evaluation["ppl"]["ppl"]}}
-    if released is not None:
-        out["sparsity"] = {"overall": released["metrics"]["sparsity"]}
-        if released["metrics"]["smoke_ppl"] is not None:
-            out["ppl"]["smoke"] = released["metrics"]["smoke_ppl"]
-    if "zero_shot" in evaluation:
-        from crepe.zeroshot import zero_shot_metrics
-
-        out["zero_shot"] = {k.removeprefix("zero_shot/"): v
-                            for k, v in zero_shot_metrics(evaluation["zero_shot"], "zero_shot").items()}
-    return out
-
-
 # --- flows ------------------------------------------------------------------------------------------------------
 
 
@@ -197,6 +149,7 @@ def check_until(until: str, export: str | None = None) -> None:
     """``until`` is one of :data:`STEPS`, and an ``export`` path is allowed for it (one sentence otherwise)."""
     if until not in STEPS:
         raise CrepeError(f"--until {until!r} is not a pipeline step; choose one of {', '.join(STEPS)}")
+    STEPS.get(until)
     if export is not None:
         T.check_export(until, export)
 
@@ -233,12 +186,12 @@ def run_pipeline(cfg: PipelineConfig, until: str = "release", export: str | None
     if until == "evaluate":
         _export(cfg, until, export, pruned=refined, evaluation=evaluation)
         return {"until": until, "search": search, "pruned": refined, "evaluation": evaluation}
-    lineage = _lineage(cfg, inputs, calib, refined, search, evaluation)
+    lineage = T.lineage(cfg, inputs, calib, refined, search, evaluation)
     released = _call(T.release, cfg, refined, lineage)
     if not T.release_is_current(released):  # the folder was removed or replaced since the cached run
         released = _call(T.release.with_options(refresh_cache=True), cfg, refined, lineage)
     say(f"release written to {released['path']} ({len(released['files'])} files; crepe verify {released['path']})")
-    tracked = _call(T.track, cfg, cfg.config_hash(), inputs, search, _metrics(evaluation, released), released)
+    tracked = _call(T.track, cfg, cfg.config_hash(), inputs, search, T.run_metrics(evaluation, released), released)
     if tracked["run_id"]:
         say(f"MLflow run {tracked['run_id']} in {cfg.tracking_uri()}"
             + (f"; registered {cfg.registered_model_name()} v{tracked['version']} @{cfg.release.alias}"
@@ -271,7 +224,7 @@ def search(params: str | None = "params.yaml", overrides: Sequence[str] = ()) ->
 def evaluate_flow(params: str | None = "params.yaml", overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Perplexity (and zero-shot, when configured) of ``model.spec`` as it is (no pruning)."""
     cfg = load_config(params, list(overrides))
-    T.limit_threads(cfg)
+    limit_threads(cfg)
     inputs = _call(T.resolve_inputs, cfg)
     model = {"path": inputs["model"]["path"], "sha256": inputs["model"]["content_hash"]}
     return _call(T.evaluate, cfg, model, inputs["evaluation"][cfg.eval.ppl.split]["sha256"])
@@ -295,13 +248,7 @@ def transfer(source_model: str, source_pattern: str, targets: Sequence[str], pat
     baseline, CRePE with the source's best PHO coefficients (from MLflow) and, with ``with_pho``, the
     target's own PHO; the table goes to ``out`` and to an MLflow run."""
     base = load_config(params, list(overrides))
-    from tasks.tracking import Tracker
-
-    tracker = Tracker(base.tracking_uri(), base.project_root, experiment=base.tracking.experiment)
-    best = tracker.best_config(source_model, source_pattern)
-    if best is None:
-        raise CrepeError(f"no finished PHO run is recorded for model {source_model!r} at pattern {source_pattern!r} "
-                         f"in {base.tracking_uri()}; run crepe pipeline (or crepe search) on it first")
+    best = _call(best_source_config, base, source_model, source_pattern)
     coeffs = {k: v for k, v in best["params"].items() if k in ("alpha", "beta", "gamma", "kernel_size")}
     say(f"best {source_model} {source_pattern} configuration: {coeffs} (run {best['run_id']})")
     rows = []

@@ -32,6 +32,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
 LIMIT_PREFIX = "crepe-gpu-"
 GPU_RESOURCE = "GPU"
 SPREAD_DEVICES = ("cuda", "auto")  # device settings that let crepe choose the GPU
@@ -46,8 +52,6 @@ def visible_gpus(env: Mapping[str, str] | None = None, count: int | None = None)
     """
     env = os.environ if env is None else env
     if count is None:
-        import torch
-
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     named = env.get("CUDA_VISIBLE_DEVICES")
     if named is None:
@@ -110,7 +114,7 @@ def dask_cluster_spec(max_workers: int, gpus: Sequence[str]) -> dict[str, Any]:
                                    "dashboard_address": None}}
     if len(set(gpus)) != len(gpus):
         raise ValueError(f"duplicate GPU ids in {list(gpus)}")
-    from distributed import Nanny, Scheduler, SpecCluster
+    from distributed import Nanny, Scheduler, SpecCluster  # optional: only a local Dask GPU cluster needs it
 
     workers = {
         f"gpu-{gpu}": {"cls": Nanny, "options": {
@@ -126,10 +130,6 @@ def dask_cluster_spec(max_workers: int, gpus: Sequence[str]) -> dict[str, Any]:
 def ensure_gpu_limit(name: str) -> None:
     """Create the global concurrency limit ``name`` with one slot unless it exists (an existing limit,
     whatever its size, is left as it is)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
@@ -148,8 +148,6 @@ def gpu_slot(device: str, visible: Sequence[str] | None = None, host: str | None
     if gpu is None:
         yield None
         return
-    from prefect.concurrency.sync import concurrency
-
     name = gpu_limit_name(gpu, host)
     ensure_gpu_limit(name)
     # strict: a missing limit is an error, never a silent "no limit"; a failed lease renewal during a

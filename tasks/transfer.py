@@ -1,8 +1,7 @@
 """The transfer table task (issue 4 §7, the paper's Table 8): write the table with its context and a
 computed summary to ``docs/`` and log it to MLflow.
 
-Kept out of :mod:`tasks.pipeline` on purpose: that module's hash is part of every cache key, and the
-wording of a report must not invalidate the cached prunes it reports on.
+Also the lookup of the source's best configuration in MLflow (flows never query MLflow themselves).
 """
 
 from __future__ import annotations
@@ -13,6 +12,9 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+from crepe.errors import CrepeError
+from tasks.tracking import open_tracker
 
 
 def _ppl_key(row: Mapping[str, Any]) -> str | None:
@@ -72,14 +74,24 @@ def transfer_preamble(cfg: Any, rows: Sequence[Mapping[str, Any]], source_model:
     )
 
 
+@task(name="best-source-config", cache_policy=NO_CACHE)
+def best_source_config(cfg: Any, source_model: str, source_pattern: str) -> dict[str, Any]:
+    """The best finished PHO result recorded in MLflow for (``source_model``, ``source_pattern``); none is
+    one sentence."""
+    tracker = open_tracker(cfg.tracking_uri(), cfg.project_root, experiment=cfg.tracking.experiment)
+    best = tracker.best_config(source_model, source_pattern)
+    if best is None:
+        raise CrepeError(f"no finished PHO run is recorded for model {source_model!r} at pattern {source_pattern!r} "
+                         f"in {cfg.tracking_uri()}; run crepe pipeline (or crepe search) on it first")
+    return best
+
+
 @task(name="transfer-table", cache_policy=NO_CACHE)
 def transfer_table(cfg: Any, rows: list[dict[str, Any]], path: str, source_model: str, source_pattern: str,
                    source: dict[str, Any] | None = None, command: str | None = None) -> str:
     """Write the transfer table (with :func:`transfer_preamble` for markdown) to ``path`` and, with tracking
     on, log it in a ``transfer`` run."""
-    from tasks.tracking import Tracker
-
-    tracker = Tracker(cfg.tracking_uri(), cfg.project_root, enabled=cfg.tracking.enabled,
+    tracker = open_tracker(cfg.tracking_uri(), cfg.project_root, enabled=cfg.tracking.enabled,
                       experiment=cfg.tracking.experiment)
     preamble = transfer_preamble(cfg, rows, source_model, source_pattern, source, command)
     with tracker.pipeline_run(source_model, f"transfer {source_model} {source_pattern}",

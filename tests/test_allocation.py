@@ -18,13 +18,9 @@ from crepe.allocation import (
     ALLOCATORS,
     RATIO_MEAN,
     alpha_ratios_from_metric,
-    block_esd_metrics,
-    block_param_counts,
     block_ratios,
     dense_wanda_stats,
     dlp_ratios,
-    esd_alpha,
-    esd_alpha_from_eigenvalues,
     needs_calibration,
     owl_ratios_from_outliers,
     plot_ratios,
@@ -33,6 +29,7 @@ from crepe.allocation import (
 )
 from crepe.blocks import find_blocks
 from crepe.errors import CrepeError
+from crepe.esd import block_esd_metrics, block_param_counts, esd_alpha, esd_alpha_from_eigenvalues
 
 FAST = settings(deadline=None, max_examples=60)
 

@@ -1,7 +1,7 @@
 """The pipeline's cache keys as a whole: every setting, changed alone, misses exactly the tasks it affects.
 
 The settings are read from the config schema (every leaf field of every section of
-:class:`flows.config.PipelineConfig`, walked recursively), and each must be classified in :data:`DEPENDS`:
+:class:`tasks.config.PipelineConfig`, walked recursively), and each must be classified in :data:`DEPENDS`:
 the tasks whose *result* it changes directly. A new field that nobody classified fails
 :func:`test_every_setting_is_classified`, so it cannot be forgotten in a key.
 
@@ -29,8 +29,8 @@ import pytest
 from pydantic import BaseModel
 
 import tasks.pipeline as T
-from flows.config import PipelineConfig, load_config
 from flows.pipeline import _lineage, _metrics
+from tasks.config import PipelineConfig, load_config
 
 # --- what each setting changes --------------------------------------------------------------------------
 

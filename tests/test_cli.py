@@ -111,7 +111,7 @@ def test_overwrite_replaces_existing_output(tiny, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "foo", "--sparsity", "0.5"], "unknown method 'foo'"),
+        (["--method", "foo", "--sparsity", "0.5"], "argument --method: invalid choice: 'foo'"),
         (["--method", "crepe", "--sparsity", "1.5"], "outside [0, 1)"),
         (["--method", "crepe", "--sparsity", "-0.1"], "outside [0, 1)"),
         (["--method", "crepe", "--sparsity", "3:2"], "invalid N:M pattern 3:2"),
@@ -122,7 +122,7 @@ def test_overwrite_replaces_existing_output(tiny, tmp_path, capsys):
         (["--method", "crepe", "--sparsity", "0.5", "--kernel-size", "4"], "kernel_size 4"),
         (["--method", "crepe", "--sparsity", "0.5", "--gamma", "-1"], "gamma=-1.0"),
         (["--method", "crepe", "--sparsity", "0.5", "--alpha", "0", "--beta", "0", "--gamma", "0"], "all 0"),
-        (["--method", "wanda", "--sparsity", "0.5", "--alpha", "1"], "has no parameter 'alpha'"),
+        (["--method", "wanda", "--sparsity", "0.5", "--alpha", "1"], "--alpha 1.0: unknown key 'prune.params.alpha': method 'wanda' has parameters: none"),
         (["--method", "crepe", "--sparsity", "0.5", "--model", "no such model"], "unknown model spec"),
         (["--method", "crepe", "--sparsity", "0.5", "--model", "./missing-folder"], "does not exist"),
         (["--method", "crepe", "--sparsity", "0.5", "--model", "embedded:nope"], "unknown embedded model"),
@@ -196,7 +196,7 @@ def test_real_process_exit_status_and_no_traceback(tmp_path):
         capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "crepe: error: invalid N:M pattern 2:0; need integers with 1 <= N < M (N zeros in every M weights), e.g. 2:4 or 4:8"
+    assert proc.stderr.strip() == "crepe: error: --sparsity 2:0: invalid N:M pattern 2:0; need integers with 1 <= N < M (N zeros in every M weights), e.g. 2:4 or 4:8"
 
 
 def test_methods_lists_registry(capsys):

@@ -12,20 +12,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flows.config import (
-    ALLOCATION_METHODS,
-    REFINE_METHODS,
+from crepe.allocation import ALLOCATORS
+from crepe.methods import all_methods
+from crepe.refine import REFINES
+from tasks.config import (
     SECTIONS,
     ConfigError,
     PipelineConfig,
-    StageMethod,
     load_config,
     model_slug,
     parse_yaml,
     pattern_slug,
     project_root_of,
-    register_allocation,
-    register_refine,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -267,7 +265,8 @@ def test_type_error_in_file_points_at_the_key(tmp_path):
         (["prune.method=ria"], "-S prune.method=ria: PHO searches CRePE's coefficients but prune.method is 'ria'; "
                                "set prune.method: crepe or pho.enabled: false"),
         (["prune.method=sparsegtp"], "-S prune.method=sparsegtp: unknown prune.method 'sparsegtp'; known methods: "
-                                     "crepe, lp_ria, magnitude, ria, stoch_ria, sym_weight, wanda"),
+                                     "crepe, lp_ria, magnitude, ria, sparsegpt, stoch_ria, sym_weight, "
+                                     "wanda (did you mean 'sparsegpt'?)"),
         (["prune.params.alpha=-1"], "-S prune.params.alpha=-1: prune.params: alpha=-1.0 must be a finite number >= 0"),
         (["prune.params.kernel_size=4"], "-S prune.params.kernel_size=4: prune.params: kernel_size 4 is invalid; use "
                                          "an odd integer >= 3 (e.g. 9)"),
@@ -323,34 +322,62 @@ def test_combination_error_in_file_points_at_the_key(tmp_path):
     assert str(error_of(path)).startswith(f"{path}:5:3: PHO searches CRePE's coefficients but prune.method is 'wanda'")
 
 
-@pytest.fixture
-def owl_registered():
-    saved = ALLOCATION_METHODS.get("owl"), REFINE_METHODS.get("cp")
-    register_allocation(StageMethod("owl", {"lmbda": 0.08, "m": 5}, "unstructured"))
-    register_refine(StageMethod("cp", {}, "nm"))
-    yield
-    ALLOCATION_METHODS["owl"], REFINE_METHODS["cp"] = saved
-
-
 def test_the_extensions_are_registered_with_the_library_defaults():
     cfg = load_config(PARAMS, ["prune.sparsity=0.7", "allocation.method=owl", "refine.method=dsnot"])
     assert cfg.allocation.params == {"m": 5.0, "lam": 0.08} and cfg.refine.params["skip_layer"] == "mlp"
     config = cfg.prune_config()
     assert (config.refine, config.allocation) == ("dsnot", "owl")
     assert load_config(PARAMS, ["refine.method=lsa"]).prune_config().refine == "lsa"
+    assert load_config(PARAMS, ["refine.method=lsa"]).refine.params == {"importance": "sum", "fallback": True, "blocks": 1}
 
 
-def test_a_registered_stage_method_is_one_entry_and_its_pattern_rules_apply(owl_registered, tmp_path):
-    cfg = load_config(PARAMS, ["prune.sparsity=0.5", "allocation.method=owl", "allocation.params.m=3"])
-    assert cfg.allocation.params == {"lmbda": 0.08, "m": 3}  # defaults resolved, override kept
+def test_stage_names_come_from_the_library_registries():
+    """The allowed names are the library's registries (plus none), in registration order."""
+    assert override_error("refine.method=x").endswith(f"allowed: none, {', '.join(REFINES)}")
+    assert override_error("prune.sparsity=0.5", "allocation.method=x").endswith(f"allowed: none, {', '.join(ALLOCATORS)}")
+    assert override_error("prune.method=xyz").endswith(f"known methods: {', '.join(all_methods())}")
+    cfg = load_config(PARAMS, ["prune.method=sparsegpt", "pho.enabled=false", "prune.sparsity=0.5"])
+    assert cfg.prune.params == {"blocksize": 128, "percdamp": 0.01, "max_damp_retries": 3} and cfg.prune.group is None
+    assert cfg.prune_config().method == "sparsegpt"
+
+
+def test_a_registry_entry_resolves_its_defaults_and_its_pattern_rules_apply():
+    cfg = load_config(PARAMS, ["prune.sparsity=0.5", "allocation.method=owl", "allocation.params.m=3.0"])
+    assert cfg.allocation.params == {"m": 3.0, "lam": 0.08}  # defaults resolved, override kept
     assert override_error("allocation.method=owl") == (
         "-S allocation.method=owl: allocation.method 'owl' sets per-layer sparsity ratios and cannot be combined "
         "with the N:M pattern 2:4; use allocation.method: none or an unstructured prune.sparsity such as 0.5")
     assert "with the N:M pattern 4:8" in override_error("prune.sparsity=4:8", "allocation.method=owl")
     assert load_config(PARAMS, ["refine.method=cp"]).refine.method == "cp"
-    assert "works on N:M patterns only" in override_error("prune.sparsity=0.5", "refine.method=cp")
-    assert "unknown key 'allocation.params.lambda'" in override_error(
-        "prune.sparsity=0.5", "allocation.method=owl", "allocation.params.lambda=1")
+    assert override_error("prune.sparsity=0.5", "refine.method=cp") == (
+        "-S refine.method=cp: refine.method 'cp' works on N:M patterns only, but prune.sparsity is the unstructured "
+        "0.5; use an N:M pattern such as 2:4")
+    assert override_error("prune.sparsity=0.5", "allocation.method=owl", "allocation.params.lambda=1") == (
+        "-S allocation.params.lambda=1: unknown key 'allocation.params.lambda': allocation method 'owl' has "
+        "parameters: m, lam (did you mean 'lam'?)")
+
+
+def test_stage_parameter_values_are_checked_by_the_library(tmp_path):
+    """A bad value of a refinement or allocation parameter is the library's sentence, at the key's line."""
+    assert override_error("prune.sparsity=0.5", "allocation.method=owl", "allocation.params.m=-1") == (
+        "-S allocation.params.m=-1: allocation.params: m=-1 is outside (0, inf)")
+    path = write(tmp_path, "prune:\n  sparsity: 0.5\n  method: wanda\npho: {enabled: false}\n"
+                           "allocation:\n  method: owl\n  params:\n    lam: x\n")
+    assert str(error_of(path)).startswith(f"{path}:8:5: allocation.params: lam='x' is outside")
+    assert override_error("prune.sparsity=0.0", "allocation.method=owl", "pho.enabled=false").startswith(
+        "-S allocation.method=owl: allocation.method: target sparsity 0.0 is outside (0, 1)")
+
+    assert override_error("refine.method=dsnot", "refine.params.order=x") == (
+        "-S refine.params.order=x: refine.params: order='x' is not one of initial, wanda")
+
+
+def test_prune_level_checks_are_the_librarys_and_run_at_load_time():
+    """Everything PruneConfig.validate rejects fails when the config loads, at the key it is about."""
+    assert override_error("prune.targets=(").startswith(
+        "-S prune.targets=(: prune.targets: targets '(' is not a valid regular expression")
+    assert override_error("prune.method=sparsegpt", "pho.enabled=false", "prune.sparsity=0.5", "prune.group=row") == (
+        "-S prune.group=row: prune.group: group='row' does not apply to method 'sparsegpt', which selects its "
+        "unstructured mask per column block itself; leave --group unset")
 
 
 # --- overrides -------------------------------------------------------------------------------------------
@@ -424,7 +451,7 @@ def test_section_hash_is_a_canonical_identity():
 
 
 def test_section_hash_is_stable_across_processes():
-    code = ("import json; from flows.config import load_config; c = load_config('params.yaml'); "
+    code = ("import json; from tasks.config import load_config; c = load_config('params.yaml'); "
             "print(json.dumps(c.section_hashes()))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          env={**__import__("os").environ, "PYTHONHASHSEED": "123"}, check=True).stdout

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from flows.cli import build_parser
-from flows.config import load_config, parse_yaml
+from tasks.config import load_config, parse_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -214,8 +214,8 @@ def test_dvc_repro_on_a_tiny_config(tmp_path):
     data; each flow stage reuses the tasks the stage before it cached (one search, one prune in all); the
     exports are what the standalone commands read; a second `dvc repro` finds everything up to date; then
     `dvc exp run -S prune.sparsity=0.6` re-runs the pipeline for the new sparsity."""
-    from crepe.jobs import load_params_file
-    from crepe.release import verify_release
+    from tasks.search_jobs import load_params_file
+    from tasks.verify import verify_release
     from tests.local_models import save_tiny_llama
 
     model = save_tiny_llama(tmp_path / "tiny")

@@ -10,8 +10,10 @@ import importlib.util
 import pytest
 import torch
 
-from crepe.jobs import Budget, build_config, evaluate_loaded, prune_loaded
+from crepe.budget import Budget
 from crepe.models import load_model
+from crepe.prune_config import build_config
+from crepe.run import evaluate_loaded, prune_loaded
 
 pytestmark = [
     pytest.mark.slow,

@@ -122,7 +122,7 @@ def test_cluster_spec_has_one_pinned_single_threaded_worker_per_gpu() -> None:
 
 
 def _cfg(tmp_path: Path, *overrides: str):
-    from flows.config import load_config
+    from tasks.config import load_config
 
     (tmp_path / ".git").mkdir(exist_ok=True)
     params = tmp_path / "params.yaml"

@@ -242,8 +242,8 @@ def test_pipeline_keys_follow_the_hub_identity(hub_cache: Path, tmp_path: Path, 
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-    from flows.config import load_config
     from flows.pipeline import pipeline, preflight
+    from tasks.config import load_config
 
     project = make_project(tmp_path / "proj", Path("org-a/tiny"))
     params = str(project / "params.yaml")

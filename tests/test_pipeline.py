@@ -159,7 +159,7 @@ def test_model_over_max_memory_is_streamed_with_the_same_release(
 
 
 def test_ignored_weights_are_released_dense_and_reported(project: Path) -> None:
-    from crepe.release import verify_release
+    from tasks.verify import verify_release
 
     run_flow(project, "pho.enabled=false", r"prune.ignore=mlp\.down_proj$")
     folder = project / "data" / "release"
@@ -192,8 +192,9 @@ def test_removed_release_is_rewritten(project: Path) -> None:
 
 
 def test_cache_keys_ignore_paths_and_follow_sections(project: Path) -> None:
-    from flows.config import load_config
-    from tasks.pipeline import _strip_paths, content_key
+    from tasks.config import load_config
+    from tasks.keys import content_key
+    from tasks.keys import strip_paths as _strip_paths
 
     class Ctx:
         class task:  # noqa: N801 - mimics prefect's TaskRunContext.task
@@ -215,13 +216,13 @@ LAUNCHER = """
 import os, sys
 sys.path[:0] = [{root!r}, {tests!r}]
 from crash import sigkill_on_call
-import tasks.pipeline as tp
+import tasks.pho
+import tasks.prune
 kill_at = int(os.environ.get("CREPE_KILL_AT_CANDIDATE", "0"))
 if kill_at:
-    tp.evaluate_candidate = sigkill_on_call(tp.evaluate_candidate, kill_at)
+    tasks.pho.evaluate_candidate = sigkill_on_call(tasks.pho.evaluate_candidate, kill_at)
 if os.environ.get("CREPE_KILL_IN_PRUNE"):
-    import crepe.jobs
-    crepe.jobs.prune_loaded = sigkill_on_call(crepe.jobs.prune_loaded, 1)
+    tasks.prune.prune_loaded = sigkill_on_call(tasks.prune.prune_loaded, 1)
 if __name__ == "__main__":  # Dask's spawned workers import this file again
     from flows.cli import main
     raise SystemExit(main(sys.argv[1:]))
@@ -352,7 +353,7 @@ def test_tracking_release_registry_and_transfer(tmp_path: Path, tiny_model: Path
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     from flows.pipeline import pipeline, transfer
-    from tasks.tracking import Tracker
+    from tasks.tracking import open_tracker
 
     proj = make_project(tmp_path / "proj", tiny_model, tracking=True)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -366,7 +367,7 @@ def test_tracking_release_registry_and_transfer(tmp_path: Path, tiny_model: Path
     finally:
         torch.set_num_threads(threads)
     assert again["tracking"] == result["tracking"]  # a fully cached rerun logs nothing new
-    tracker = Tracker(None, proj)
+    tracker = open_tracker(None, proj)
     client = tracker.client
     parent = client.get_run(result["tracking"]["run_id"])
     assert parent.data.tags["crepe.kind"] == "pipeline" and parent.info.status == "FINISHED"
@@ -389,7 +390,7 @@ def test_prefect_yaml_deploys_the_pipeline_flow() -> None:
 
     import yaml
 
-    from flows.cli import check_cron
+    from flows.cli_ops import check_cron
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     (deployment,) = spec["deployments"]
@@ -440,7 +441,7 @@ def test_schedule_serves_the_pipeline_with_the_cron(tmp_path: Path, tiny_model: 
 
 def test_schedule_needs_a_reachable_prefect_server() -> None:
     from crepe.errors import CrepeError
-    from flows.cli import check_prefect_api
+    from flows.cli_ops import check_prefect_api
 
     with pytest.raises(CrepeError, match="prefect server start"):
         check_prefect_api(None)
@@ -500,8 +501,8 @@ def test_until_steps_export_and_reuse_each_other(project: Path, tmp_path: Path, 
     """search -> prune -> evaluate as separate commands (the DVC stages): each computes only its own step,
     reuses the earlier ones, exports what the standalone commands read, and nothing is released or tracked."""
     from crepe.io import sha256_folder
-    from crepe.jobs import load_params_file
-    from crepe.release import verify_release
+    from tasks.search_jobs import load_params_file
+    from tasks.verify import verify_release
 
     log, data = tmp_path / "computed.txt", project / "data"
     assert cli(project, monkeypatch, "--until", "search", "--export", "data/search") == 0
@@ -546,7 +547,7 @@ def test_until_steps_export_and_reuse_each_other(project: Path, tmp_path: Path, 
 
 def test_until_search_without_pho_exports_prune_params(project: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from crepe.jobs import load_params_file
+    from tasks.search_jobs import load_params_file
 
     log = tmp_path / "computed.txt"
     off = ["-S", "pho.enabled=false", "-S", "prune.params={alpha: 0.5}"]
@@ -562,6 +563,38 @@ def test_until_search_without_pho_exports_prune_params(project: Path, tmp_path: 
     assert manifest["prune"]["config"]["params"]["alpha"] == 0.5
 
 
+def test_crepe_prune_and_the_pipeline_prune_step_write_the_same_folder(project: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One front door: `crepe prune` with flags and `crepe pipeline --until prune` on the params those flags
+    spell out run the same code, so the manifest and every file of the pruned folder are identical."""
+    from flows.cli import main
+
+    off = ["-S", "pho.enabled=false", "-S", "prune.params={alpha: 0.5}", "-S", "refine.method=dsnot"]
+    assert cli(project, monkeypatch, *off, "--until", "prune", "--export", "by-pipeline") == 0
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: flags on the built-in defaults
+    model = str(yaml_model(project))
+    flags = ["prune", "--model", model, "--method", "crepe", "--sparsity", "2:4", "--alpha", "0.5",
+             "--refine", "dsnot", "--calib-samples", "4", "--seqlen", "32", "--batch-size", "4",
+             "--calib-source", "pydoc", "--eval-source", "pydoc", "--max-windows", "4", "--out", "by-cli"]
+    assert main(flags) == 0
+    pipeline_dir, cli_dir = project / "by-pipeline", tmp_path / "by-cli"
+    by_pipeline = json.loads((pipeline_dir / "crepe_manifest.json").read_text())
+    by_cli = json.loads((cli_dir / "crepe_manifest.json").read_text())
+    assert by_cli == by_pipeline
+    assert by_cli["prune"]["config"]["refine"] == "dsnot" and by_cli["data"]["calibration"]["source"] == "pydoc"
+    assert "timings" not in by_cli and "created_utc" not in by_cli  # deterministic: no clock, no machine paths
+    files = sorted(p.relative_to(pipeline_dir).as_posix() for p in pipeline_dir.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(cli_dir).as_posix() for p in cli_dir.rglob("*") if p.is_file())
+    for name in files:
+        assert sha256_file(pipeline_dir / name) == sha256_file(cli_dir / name), name
+
+
+def yaml_model(project: Path) -> Path:
+    """The model folder a test project's params.yaml names."""
+    line = next(x for x in (project / "params.yaml").read_text().splitlines() if x.startswith("model:"))
+    return Path(line.split("spec:", 1)[1].strip(" }"))
+
+
 def test_export_is_atomic_and_checks_the_cached_folder(project: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture) -> None:
@@ -569,7 +602,7 @@ def test_export_is_atomic_and_checks_the_cached_folder(project: Path, tmp_path: 
     pruned folder modified since it was written is refused (one sentence), never exported."""
     import shutil
 
-    import tasks.pipeline as tp
+    import tasks.export as tp
     from crepe.io import sha256_folder
 
     args = ("-S", "pho.enabled=false", "--until", "prune", "--export", "data/pruned")

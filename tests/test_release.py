@@ -1,5 +1,6 @@
-"""Releases (issue 4 §10): write_release's folder, model card and manifest; verify_release and
-`crepe verify` on good, tampered, incomplete and inconsistent releases; nothing half-written."""
+"""Releases (issue 4 §10): write_release's folder, model card (huggingface_hub ModelCard) and manifest;
+verify_release and `crepe verify` on good, tampered, incomplete and inconsistent releases; nothing
+half-written."""
 
 from __future__ import annotations
 
@@ -13,23 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
+from crepe.budget import Budget
 from crepe.errors import CrepeError
 from crepe.io import sha256_file
-from crepe.jobs import Budget, build_config, prune_loaded
+from crepe.measure import SmokeTest
 from crepe.models import load_model
-from crepe.release import (
-    CARD,
-    RELEASE_MANIFEST,
-    ReleaseError,
-    SmokeTest,
-    render_model_card,
-    search_reference,
-    verify_release,
-    write_release,
-)
+from crepe.prune_config import build_config
+from crepe.run import prune_loaded
 from flows.cli import main
+from tasks.card import CARD, render_model_card
+from tasks.release import search_reference, write_release
+from tasks.verify import RELEASE_MANIFEST, ReleaseError, verify_release
 from tests.local_models import save_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,8 +39,8 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
 def _pruned(tiny: Path, sparsity: str = "2:4"):
     lm = load_model(str(tiny))
     config = build_config("crepe", sparsity, {"kernel_size": 3, "gamma": 0.05})
-    report, data = prune_loaded(lm, config, BUDGET)
-    return lm, config, report, data
+    report, record = prune_loaded(lm, config, BUDGET)
+    return lm, config, report, {"calibration": record}
 
 
 def _manifest(lm, prune_config, data, **extra):
@@ -155,6 +153,46 @@ def test_card_base_model_metadata_for_embedded_and_hub_models():
     assert "base_model: org/name\n" in card and f"hub repo `org/name` at commit `{'e' * 40}`" in card
 
 
+def test_card_metadata_is_a_hub_model_card(release):
+    card = ModelCard.load(release / CARD)
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert data["license"] == "apache-2.0" and data["tags"][-1] == "demo"
+    assert "base_model" not in data and "base_model_relation" not in data  # a local folder has no hub id
+    assert str(card) == (release / CARD).read_text()  # written exactly as huggingface_hub renders it
+
+
+def _sparse_record() -> dict:
+    """A manifest record with every optional value missing or None."""
+    return {"base_model": {"spec": "local/folder", "kind": None, "content_hash": None, "hub": None},
+            "prune": {"method": "wanda", "sparsity": 0.5, "pattern": "2:4", "params": {"alpha": None},
+                      "group": "row", "rule": None},
+            "sparsity": {"pattern": "2:4", "overall": 0.5, "n_linears": None, "blocks_path": None,
+                         "total_zeros": None, "total_numel": None, "nm_valid": True},
+            "data": {"calibration": {"source": None, "path": None, "sha256": None, "n_samples": 4, "seqlen": None,
+                                     "seed": None},
+                     "evaluation": None},
+            "metrics": {"ppl": {"value": None, "split": None, "seqlen": 32}, "acc": None},
+            "smoke_test": {"ppl": 12.5, "split": None, "seqlen": 32, "n_windows": None, "data": {"source": None}},
+            "search": {"path": None, "sha256": None},
+            "code": {"crepe_version": None, "git_sha": None, "source_sha256": None},
+            "versions": {"torch": None, "python": "3.12"}}
+
+
+def test_card_never_prints_none_and_is_deterministic():
+    record = _sparse_record()
+    card = render_model_card(record, {"license": None, "language": None, "tags": None})
+    assert "None" not in card and "not recorded" in card
+    assert "- Evaluation: not recorded." in card and "| acc | not recorded | |" in card
+    assert "| ppl | not recorded | seqlen 32 |" in card
+    assert "Versions: python 3.12." in card and "Code: crepe not recorded" in card
+    front = yaml.safe_load(card.split("---")[1])
+    assert set(front) == {"library_name", "pipeline_tag", "tags"}  # nothing missing leaks into the metadata
+    assert render_model_card(_sparse_record(), {"license": None, "language": None, "tags": None}) == card
+    record["metrics"], record["smoke_test"] = {}, None
+    assert "No metrics recorded." in render_model_card(record, {})
+
+
 def test_release_loads_with_transformers_and_holds_the_pruned_weights(release, pruned):
     from transformers import AutoModelForCausalLM
 
@@ -205,7 +243,7 @@ def test_write_release_input_errors(pruned, tmp_path):
 def test_a_failure_mid_write_leaves_no_half_folder(pruned, tmp_path, monkeypatch, fail_at):
     lm, config, _, data = pruned
     if fail_at == "card":
-        monkeypatch.setattr("crepe.release.render_model_card", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+        monkeypatch.setattr("tasks.release.render_model_card", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     else:
         monkeypatch.setattr(type(lm.tokenizer), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
@@ -218,7 +256,7 @@ def test_a_failed_overwrite_keeps_the_previous_release(release, pruned, tmp_path
     target = tmp_path / "rel"
     shutil.copytree(release, target)
     before = {p.name: sha256_file(p) for p in target.iterdir()}
-    monkeypatch.setattr("crepe.release.render_model_card", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr("tasks.release.render_model_card", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         write_release(lm.model, lm.tokenizer, target, _manifest(lm, config, data), smoke=None, overwrite=True)
     assert {p.name: sha256_file(p) for p in target.iterdir()} == before

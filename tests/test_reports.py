@@ -77,7 +77,7 @@ def _zs(method, pattern, avg, params=None):
 
 
 def test_zero_shot_findings_compare_with_dense_and_noise():
-    from flows.zeroshot_table import _findings as zs_findings
+    from tasks.zeroshot_report import findings as zs_findings
 
     ria_point = {"alpha": 1.0, "beta": 1.0, "gamma": 0.0}
     rows = [_zs("dense", "-", 0.40), _zs("wanda", "50%", 0.38), _zs("ria", "50%", 0.30),

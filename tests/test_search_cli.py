@@ -94,7 +94,7 @@ def test_search_is_deterministic_and_rerun_resumes_without_work(searched, tiny, 
     assert code == 0
     assert essence(json.loads((tmp_path / "again" / "pho.json").read_text())) == essence(result)
 
-    from crepe.search import runs
+    from crepe.search import context as runs
 
     calls = []
     original = runs.SearchContext.evaluate
@@ -115,7 +115,7 @@ KILLER = textwrap.dedent(
     import sys
     sys.path.insert(0, {repo!r})
     from tests.crash import sigkill_on_call
-    from crepe.search import runs
+    from crepe.search import context as runs
     from flows.cli import main
     runs.SearchContext.evaluate = sigkill_on_call(runs.SearchContext.evaluate, {kill_at})
     raise SystemExit(main({argv!r}))
@@ -179,7 +179,7 @@ def test_proxy_study_cli(tiny, tmp_path, capsys):
         rho = result["spearman"][name]
         assert rho is None or -1.0 <= rho <= 1.0
         assert (out / f"proxy_{name}.png").read_bytes()[:4] == b"\x89PNG"
-    from crepe.search.runs import spearman
+    from tasks.search_jobs import spearman
 
     ppls = [r["ppl"] for r in result["rows"]]
     assert result["spearman"]["gini_pruned"] == spearman([r["proxies"]["gini_pruned"] for r in result["rows"]], ppls)
@@ -187,7 +187,7 @@ def test_proxy_study_cli(tiny, tmp_path, capsys):
 
 
 def test_spearman_matches_hand_computed_ranks():
-    from crepe.search.runs import spearman
+    from tasks.search_jobs import spearman
 
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -199,7 +199,7 @@ def test_spearman_matches_hand_computed_ranks():
 
 
 def test_cma_start_mean_is_the_ria_like_point():
-    from crepe.search.runs import cma_start_mean
+    from crepe.search.context import cma_start_mean
     from crepe.search.space import SearchSpace
 
     assert cma_start_mean(SearchSpace()) == pytest.approx([0.5, 0.5, 0.4])
@@ -209,11 +209,11 @@ def test_cma_start_mean_is_the_ria_like_point():
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--trials", "1"], "--trials 1 must be an integer >= 2"),
+        (["--trials", "1"], "--trials 1: pho.n_trials = 1 must be >= 2"),
         (["--trials", "11"], "n_trials 11 is smaller than one CMA-ES population"),
-        (["--top-k", "0"], "--top-k 0 must be an integer between 1 and --trials (12)"),
-        (["--top-k", "13"], "--top-k 13 must be an integer between 1 and --trials (12)"),
-        (["--sampler", "grid"], "unknown sampler 'grid'; allowed: cmaes, tpe, random"),
+        (["--top-k", "0"], "--top-k 0: pho.top_k = 0 must be >= 1"),
+        (["--top-k", "13"], "--top-k 13: pho.top_k = 13 is larger than pho.n_trials = 12"),
+        (["--sampler", "grid"], "argument --sampler: invalid choice: 'grid' (choose from 'cmaes', 'tpe', 'random')"),
         (["--alpha-bounds", "2,1"], "alpha bounds (2, 1) are inverted or empty"),
         (["--log10-gamma-bounds", "0,0"], "log10_gamma bounds (0, 0) are inverted or empty"),
         (["--sigma", "0"], "--sigma 0.0 must be a positive number"),

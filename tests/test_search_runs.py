@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crepe.jobs import Budget
-from crepe.search.runs import SearchContext
+from crepe.budget import Budget
+from crepe.search.context import SearchContext
 from tests.local_models import save_tiny_llama
 
 BUDGET = Budget(calib_samples=4, seqlen=32, max_windows=3, batch_size=2, calib_source="pydoc", eval_source="pydoc")

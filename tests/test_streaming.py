@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import front_door
 import pytest
 import torch
 from local_models import word_tokenizer
@@ -22,17 +23,23 @@ from tiny_models import ARCHS, build
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from crepe.errors import CrepeError
-from crepe.jobs import Budget, build_config, run_eval, run_prune
 from crepe.models import load_model
-from crepe.release import verify_release
 from crepe.shards import Checkpoint, parse_size
 from crepe.streaming import StreamedModel, load_capped
 from flows.cli import main
+from tasks.verify import verify_release
 
 ROOT = Path(__file__).resolve().parents[1]
 CAP = "380KB"  # below the 3-block model's 550-650 KB of weights, above its tensors outside the blocks plus one block
-BUDGET = Budget(calib_samples=4, seqlen=32, max_windows=5, eval_batch_size=2, calib_source="pydoc",
-                eval_source="pydoc")
+BUDGET = ("calibration.samples=4", "calibration.seqlen=32", "eval.ppl.seqlen=32", "eval.ppl.max_windows=5",
+          "eval.ppl.batch_size=2", "data.calib_source=pydoc", "data.eval_source=pydoc")
+
+
+def prune(model: Path, method: str, sparsity: str, out: Path, *overrides: str, max_memory: str | int | None = None,
+          dtype: str = "float32", eval_split: str | None = None) -> dict:
+    """``crepe prune`` of ``model`` within BUDGET (under ``max_memory`` when given): the manifest."""
+    cfg = front_door.config(model, method, sparsity, *overrides, budget=BUDGET, max_memory=max_memory, dtype=dtype)
+    return front_door.prune(cfg, out, eval_split=eval_split)
 
 
 def save_llama(path: Path, hidden: int = 64, layers: int = 3, intermediate: int = 128, tie: bool = True,
@@ -100,10 +107,9 @@ def test_streamed_model_matches_from_pretrained(sharded: Path) -> None:
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "crepe", "sparsegpt"])
 def test_streamed_prune_is_bit_identical(sharded: Path, tmp_path: Path, method: str, sparsity: str) -> None:
     """Weights, masks, report and perplexity equal the in-memory prune; the folder reloads to the same logits."""
-    config = build_config(method, sparsity)
-    streamed = run_prune(str(sharded), config, tmp_path / "s", BUDGET, eval_split="test", max_memory=CAP)
-    memory = run_prune(str(sharded), config, tmp_path / "m", BUDGET, eval_split="test")
-    assert "streamed" in streamed["model"]["extra"] and "streamed" not in memory["model"]["extra"]
+    streamed = prune(sharded, method, sparsity, tmp_path / "s", eval_split="test", max_memory=CAP)
+    memory = prune(sharded, method, sparsity, tmp_path / "m", eval_split="test")
+    assert streamed["model"]["streamed"] is True and memory["model"]["streamed"] is False
     a, b = tensors(tmp_path / "s"), tensors(tmp_path / "m")
     assert sorted(a) == sorted(b)
     for name in a:
@@ -121,11 +127,10 @@ def test_streamed_prune_is_bit_identical(sharded: Path, tmp_path: Path, method: 
 
 def test_streamed_bfloat16_prune_is_bit_identical(sharded: Path, tmp_path: Path) -> None:
     """A float32 checkpoint pruned at bfloat16: cast from the shards exactly as from_pretrained casts."""
-    config = build_config("sparsegpt", "2:4")
-    streamed = run_prune(str(sharded), config, tmp_path / "s", BUDGET, dtype="bfloat16", eval_split="test",
-                         max_memory="200KB")
-    memory = run_prune(str(sharded), config, tmp_path / "m", BUDGET, dtype="bfloat16", eval_split="test")
-    assert "streamed" in streamed["model"]["extra"] and "streamed" not in memory["model"]["extra"]
+    streamed = prune(sharded, "sparsegpt", "2:4", tmp_path / "s", dtype="bfloat16", eval_split="test",
+                     max_memory="200KB")
+    memory = prune(sharded, "sparsegpt", "2:4", tmp_path / "m", dtype="bfloat16", eval_split="test")
+    assert streamed["model"]["streamed"] is True and memory["model"]["streamed"] is False
     a, b = tensors(tmp_path / "s"), tensors(tmp_path / "m")
     assert sorted(a) == sorted(b) and all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
     assert streamed["evaluation"]["ppl"] == memory["evaluation"]["ppl"]
@@ -135,17 +140,16 @@ def test_streamed_bfloat16_prune_is_bit_identical(sharded: Path, tmp_path: Path)
                          [("wanda", "0.5", "dsnot"), ("ria", "2:4", "cp"), ("sparsegpt", "0.5", "dsnot")])
 def test_streamed_refinements_are_bit_identical(sharded: Path, tmp_path: Path, method: str, sparsity: str,
                                                 refine: str) -> None:
-    config = build_config(method, sparsity, refine=refine)
-    streamed = run_prune(str(sharded), config, tmp_path / "s", BUDGET, max_memory=CAP)
-    memory = run_prune(str(sharded), config, tmp_path / "m", BUDGET)
+    streamed = prune(sharded, method, sparsity, tmp_path / "s", f"refine.method={refine}", max_memory=CAP)
+    memory = prune(sharded, method, sparsity, tmp_path / "m", f"refine.method={refine}")
     a, b = tensors(tmp_path / "s"), tensors(tmp_path / "m")
-    assert "streamed" in streamed["model"]["extra"] and all(torch.equal(a[k], b[k]) for k in a)
+    assert streamed["model"]["streamed"] is True and all(torch.equal(a[k], b[k]) for k in a)
     assert streamed["prune"]["layers"] == memory["prune"]["layers"]
 
 
 def test_allocation_on_a_streamed_model_is_one_sentence(sharded: Path, tmp_path: Path) -> None:
     with pytest.raises(CrepeError, match="cannot run block by block on a streamed model"):
-        run_prune(str(sharded), build_config("wanda", "0.5", allocation="owl"), tmp_path / "o", BUDGET, max_memory=CAP)
+        prune(sharded, "wanda", "0.5", tmp_path / "o", "allocation.method=owl", max_memory=CAP)
     assert not (tmp_path / "o").exists()
 
 
@@ -157,23 +161,23 @@ def test_every_tiny_architecture_streams_bit_identically(arch: str, tmp_path: Pa
     model.save_pretrained(tmp_path / "model", max_shard_size="60KB")
     tokenizer.save_pretrained(tmp_path / "model")
     cap = int(0.8 * Checkpoint(tmp_path / "model").nbytes(torch.float32))
-    config = build_config("wanda", "2:4")
-    streamed = run_prune(str(tmp_path / "model"), config, tmp_path / "s", BUDGET, eval_split="test", max_memory=cap)
-    memory = run_prune(str(tmp_path / "model"), config, tmp_path / "m", BUDGET, eval_split="test")
-    assert "streamed" in streamed["model"]["extra"]
+    streamed = prune(tmp_path / "model", "wanda", "2:4", tmp_path / "s", eval_split="test", max_memory=cap)
+    memory = prune(tmp_path / "model", "wanda", "2:4", tmp_path / "m", eval_split="test")
+    assert streamed["model"]["streamed"] is True
     a, b = tensors(tmp_path / "s"), tensors(tmp_path / "m")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert streamed["evaluation"]["ppl"] == memory["evaluation"]["ppl"]
 
 
 def test_streamed_perplexity_equals_in_memory(sharded: Path) -> None:
-    """run_eval under the cap (several passes of windows, each block read once per pass) equals in memory."""
-    budget = Budget(calib_samples=4, seqlen=16, max_windows=9, eval_batch_size=2, eval_source="pydoc")
-    streamed = run_eval(str(sharded), budget, max_memory=CAP)
-    memory = run_eval(str(sharded), budget)
+    """``crepe eval`` under the cap (several passes of windows, each block read once per pass) equals in memory."""
+    budget = ("calibration.samples=4", "calibration.seqlen=16", "eval.ppl.seqlen=16", "eval.ppl.max_windows=9",
+              "eval.ppl.batch_size=2", "data.eval_source=pydoc")
+    streamed = front_door.evaluate(front_door.config(sharded, "wanda", "0.5", budget=budget, max_memory=CAP))
+    memory = front_door.evaluate(front_door.config(sharded, "wanda", "0.5", budget=budget))
     assert streamed["model"]["extra"]["streamed"] and "streamed" not in memory["model"]["extra"]
-    assert streamed["perplexity"]["ppl"] == memory["perplexity"]["ppl"]
-    assert streamed["perplexity"]["n_windows"] == 9
+    assert streamed["ppl"]["ppl"] == memory["ppl"]["ppl"]
+    assert streamed["ppl"]["n_windows"] == 9
     lm = load_capped(str(sharded), max_memory=CAP)
     ids = torch.randint(0, 300, (1, 9 * 16), generator=torch.Generator().manual_seed(1))
     one = lm.streamer.perplexity(ids, 16, batch_size=2, windows_per_pass=2)
@@ -182,7 +186,7 @@ def test_streamed_perplexity_equals_in_memory(sharded: Path) -> None:
 
 
 def test_verify_counts_zeros_from_the_shards(sharded: Path, tmp_path: Path) -> None:
-    run_prune(str(sharded), build_config("wanda", "2:4"), tmp_path / "s", BUDGET, max_memory=CAP)
+    prune(sharded, "wanda", "2:4", tmp_path / "s", max_memory=CAP)
     capped = verify_release(tmp_path / "s", max_memory=CAP)
     free = verify_release(tmp_path / "s")
     assert capped["layers_checked"] == 21 and capped["nm_valid"] is True
@@ -210,10 +214,11 @@ def test_cli_eval_and_prune_stream_under_the_cap(sharded: Path, tmp_path: Path, 
     assert main(["verify", str(tmp_path / "o"), "--max-memory", CAP, "--data-dir", str(tmp_path)]) == 0
 
 
-def test_bad_max_memory_is_an_argparse_error(sharded: Path, capsys) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["eval", "--model", str(sharded), "--max-memory", "lots"])
-    assert exc.value.code == 2 and "memory size 'lots' is not understood" in capsys.readouterr().err
+def test_bad_max_memory_is_a_usage_error(sharded: Path, capsys) -> None:
+    """A size the configuration cannot parse stops ``crepe eval`` with exit code 2 in one sentence."""
+    code = main(["eval", "--model", str(sharded), "--max-memory", "lots"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "memory size 'lots' is not understood" in err
 
 
 def _zero_shot_data() -> Path | None:
@@ -229,10 +234,13 @@ def _zero_shot_data() -> Path | None:
 def test_streamed_zero_shot_equals_in_memory(sharded: Path) -> None:
     """lm-eval scores of the streamed model equal the in-memory ones bit for bit, one batch or all per group."""
     from crepe import zeroshot as zs
-    from crepe.jobs import run_zero_shot_job
+    from crepe.zeroshot.scorer import PackedLM  # needs lm-eval, an optional dependency
 
-    streamed = run_zero_shot_job(str(sharded), "boolq,hellaswag", limit=4, batch_size=2, max_memory=CAP)
-    memory = run_zero_shot_job(str(sharded), "boolq,hellaswag", limit=4, batch_size=2)
+    settings = ('eval.zero_shot.tasks=["boolq","hellaswag"]', "eval.zero_shot.limit=4", "eval.zero_shot.batch_size=2")
+    streamed = front_door.evaluate(front_door.config(sharded, "wanda", "0.5", *settings, budget=BUDGET,
+                                                     max_memory=CAP), ppl=False, zero_shot=True)
+    memory = front_door.evaluate(front_door.config(sharded, "wanda", "0.5", *settings, budget=BUDGET), ppl=False,
+                                 zero_shot=True)
     assert streamed["model"]["extra"]["streamed"] and "streamed" not in memory["model"]["extra"]
     assert streamed["zero_shot"]["tasks"] == memory["zero_shot"]["tasks"]
     tasks = zs.build_tasks(["hellaswag", "rte"], zs.resolve_sources(["hellaswag", "rte"], _zero_shot_data()))
@@ -241,13 +249,12 @@ def test_streamed_zero_shot_equals_in_memory(sharded: Path) -> None:
             task.build_all_requests(limit=5)
     requests = [inst for task in tasks.values() for inst in task.instances]
     ref = load_model(str(sharded))
-    want = zs.live_hflm(ref.model, ref.tokenizer, batch_size=3).loglikelihood(requests)
+    want = PackedLM(ref.model, ref.tokenizer, batch_size=3).loglikelihood(requests)
     lm = load_capped(str(sharded), max_memory=CAP)
     for cap in (lm.streamer.cap, 10**9):  # under CAP every batch is its own group; 1 GB: one group for all
         lm.streamer.cap = cap
-        wrapper = zs.live_hflm(lm.model, lm.tokenizer, batch_size=3)
-        wrapper.streamer = lm.streamer
-        assert wrapper.loglikelihood(requests) == want
+        scorer = PackedLM(lm.model, lm.tokenizer, batch_size=3, streamer=lm.streamer, device=lm.info.device)
+        assert scorer.loglikelihood(requests) == want
 
 
 def test_failure_leaves_nothing_half_written(tmp_path: Path) -> None:
@@ -255,28 +262,35 @@ def test_failure_leaves_nothing_half_written(tmp_path: Path) -> None:
     model = save_llama(tmp_path / "nan", nan_layer="model.layers.2.mlp.down_proj")
     out = tmp_path / "runs" / "out"
     with pytest.raises(CrepeError, match=r"model\.layers\.2\.mlp\.down_proj has NaN"):
-        run_prune(str(model), build_config("magnitude", "0.5"), out, BUDGET, max_memory=CAP)
+        prune(model, "magnitude", "0.5", out, max_memory=CAP)
     assert not out.exists() and list((tmp_path / "runs").iterdir()) == []
 
 
 RSS_CHILD = textwrap.dedent("""
     import json, sys
     import psutil, torch
-    from crepe.jobs import Budget, build_config, run_prune
+    from tasks.config import load_config
+    from tasks.inputs import resolve
+    from tasks.prune import prune_to_folder
     torch.set_num_threads(1)
 
     def hwm():  # the peak resident set size (VmHWM), in bytes
         line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
         return int(line.split()[1]) * 1024
 
+    def run_prune(model, out, cap):  # crepe prune --method wanda --sparsity 0.5, 2 x 32 pydoc calibration tokens
+        sets = [f"model.spec={json.dumps(model)}", "prune.method=wanda", "prune.sparsity='0.5'", "pho.enabled=false",
+                "calibration.samples=2", "calibration.seqlen=32", "data.calib_source=pydoc", "data.eval_source=pydoc"]
+        cfg = load_config(None, sets + ([f"model.max_memory={cap}"] if cap else []))
+        return prune_to_folder(cfg, resolve(cfg)["model"], out)["manifest"]
+
     model, out, cap, warm = sys.argv[1], sys.argv[2], (sys.argv[3] if sys.argv[3] != "-" else None), sys.argv[4]
-    budget = Budget(calib_samples=2, seqlen=32, calib_source="pydoc")
-    run_prune(warm, build_config("wanda", "0.5"), out + "-warm", budget, max_memory="380KB")  # every lazy import
+    run_prune(warm, out + "-warm", "380KB")  # every lazy import
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # reset the peak to the current RSS: the imports' transient peak is not the run's
     base = psutil.Process().memory_info().rss
-    manifest = run_prune(model, build_config("wanda", "0.5"), out, budget, max_memory=cap)
-    print(json.dumps({"base": base, "increase": hwm() - base, "streamed": "streamed" in manifest["model"]["extra"]}))
+    manifest = run_prune(model, out, cap)
+    print(json.dumps({"base": base, "increase": hwm() - base, "streamed": manifest["model"]["streamed"]}))
 """)
 
 
@@ -309,7 +323,7 @@ def test_streamed_peak_rss_stays_far_below_the_in_memory_load(tmp_path: Path) ->
 def test_calibration_windows_task_reads_only_the_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pipeline's calibration-windows task never loads the weights (here: unreadable) of the model."""
     import tasks.pipeline as T
-    from flows.config import load_config
+    from tasks.config import load_config
 
     folder = save_llama(tmp_path / "model")
     for file in folder.glob("*.safetensors"):

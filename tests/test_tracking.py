@@ -1,4 +1,4 @@
-"""MLflow tracking (tasks/tracking.py, issue 4 points 6-7): runs, nested PHO runs, registry, transfer lookup.
+"""MLflow tracking (tasks/tracking*.py, tasks/registry_release.py): runs, nested PHO runs, registry, transfer lookup.
 
 Every test gets its own sqlite database under tmp_path: a copy of one empty, already-migrated template
 (MLflow's schema creation takes seconds; copying the file takes milliseconds).
@@ -12,6 +12,8 @@ import math
 import shutil
 import socket
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,10 @@ import pytest
 import crepe
 import crepe.provenance
 from crepe.errors import CrepeError
-from tasks import tracking
-from tasks.tracking import RunRef, Tracker, flatten, metric_items, param_items, pattern_label, safe_key
+from tasks import tracking_search, tracking_store, tracking_values
+from tasks.tracking import NullTracker, RunRef, open_tracker
+from tasks.tracking_mlflow import MlflowTracker
+from tasks.tracking_values import flatten, metric_items, param_items, pattern_label, safe_key
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "embedded:smollm2-135m"
@@ -33,8 +37,8 @@ OTHER = "embedded:gemma3-270m"
 @pytest.fixture(scope="session")
 def template_db(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mlflow-template")
-    Tracker(None, root).check()  # creates and migrates the schema once
-    db = root / tracking.DB_NAME
+    MlflowTracker(None, root).check()  # creates and migrates the schema once
+    db = root / tracking_store.DB_NAME
     with sqlite3.connect(db) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
@@ -42,27 +46,27 @@ def template_db(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def tracker(template_db, tmp_path, monkeypatch) -> Tracker:
+def tracker(template_db, tmp_path, monkeypatch) -> MlflowTracker:
     """A Tracker on a private copy of the empty database; the test runs in an empty working directory."""
     project = tmp_path / "project"
     project.mkdir()
-    shutil.copy(template_db, project / tracking.DB_NAME)
+    shutil.copy(template_db, project / tracking_store.DB_NAME)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    return Tracker(None, project)
+    return MlflowTracker(None, project)
 
 
-def run_of(tr: Tracker, ref: RunRef | str):
+def run_of(tr: MlflowTracker, ref: RunRef | str):
     return tr.client.get_run(ref if isinstance(ref, str) else ref.run_id)
 
 
-def children(tr: Tracker, ref: RunRef) -> list:
+def children(tr: MlflowTracker, ref: RunRef) -> list:
     return list(tr.client.search_runs([ref.experiment_id], f"tags.mlflow.parentRunId = '{ref.run_id}'",
                                       max_results=1000))
 
 
-def artifact_paths(tr: Tracker, run_id: str, path: str | None = None) -> set[str]:
+def artifact_paths(tr: MlflowTracker, run_id: str, path: str | None = None) -> set[str]:
     out: set[str] = set()
     for info in tr.client.list_artifacts(run_id, path):
         if info.is_dir:
@@ -139,11 +143,11 @@ def test_param_items_render_truncate_and_sanitise():
     items, truncated = param_items({"a": {"b": None, "c": True, "d": [1, "2"]}, "s": "2:4", "long": long,
                                     "bad key!": 1, "k" * 300: 2})
     assert items["a.b"] == "null" and items["a.c"] == "true" and items["a.d"] == '[1, "2"]' and items["s"] == "2:4"
-    assert len(items["long"]) == tracking.MAX_PARAM_VALUE and items["long"].endswith(tracking.TRUNCATED)
+    assert len(items["long"]) == tracking_values.MAX_PARAM_VALUE and items["long"].endswith(tracking_values.TRUNCATED)
     assert truncated == ["long"]
     assert items["bad key_"] == "1"
     (long_key,) = [k for k in items if k.startswith("kkk")]
-    assert len(long_key) == tracking.MAX_KEY
+    assert len(long_key) == tracking_values.MAX_KEY
     assert safe_key("/a//b..c") == "a/b.c"
 
 
@@ -157,24 +161,24 @@ def test_metric_items_skip_none_and_nonfinite():
 def test_pattern_label_and_slug_and_run_key():
     assert pattern_label("0.5") == pattern_label(0.5) == pattern_label("50%") == "50%"
     assert pattern_label("2:4") == "2:4"
-    assert tracking.model_slug(MODEL) == "smollm2-135m"
-    assert tracking.model_slug("hf:org/name@rev") == "org-name"
-    assert tracking.model_slug("/some/where/folder") == "folder"
-    assert tracking.run_key({"a": 1, "b": 2}) == tracking.run_key({"b": 2, "a": 1})
-    assert tracking.run_key({"a": 1}) != tracking.run_key({"a": 2})
+    assert tracking_values.model_slug(MODEL) == "smollm2-135m"
+    assert tracking_values.model_slug("hf:org/name@rev") == "org-name"
+    assert tracking_values.model_slug("/some/where/folder") == "folder"
+    assert tracking_values.run_key({"a": 1, "b": 2}) == tracking_values.run_key({"b": 2, "a": 1})
+    assert tracking_values.run_key({"a": 1}) != tracking_values.run_key({"a": 2})
 
 
 def test_default_uri_relative_sqlite_and_template(tmp_path):
-    t = Tracker(None, tmp_path, enabled=False)
+    t = open_tracker(None, tmp_path, enabled=False)
     assert t.uri == f"sqlite:///{(tmp_path / 'mlflow.db').resolve().as_posix()}"
     assert t.artifact_root == tmp_path.resolve() / "mlartifacts"
-    rel = Tracker("sqlite:///sub/x.db", tmp_path, enabled=False)
+    rel = open_tracker("sqlite:///sub/x.db", tmp_path, enabled=False)
     assert rel.sqlite_path == tmp_path.resolve() / "sub" / "x.db"
-    assert Tracker("sqlite:////abs/y.db", tmp_path, enabled=False).uri == "sqlite:////abs/y.db"
-    assert Tracker(None, tmp_path, enabled=False).experiment_name(MODEL) == "crepe-smollm2-135m"
-    assert Tracker(None, tmp_path, enabled=False, experiment="crepe/{spec}").experiment_name(MODEL) == f"crepe/{MODEL}"
+    assert open_tracker("sqlite:////abs/y.db", tmp_path, enabled=False).uri == "sqlite:////abs/y.db"
+    assert open_tracker(None, tmp_path, enabled=False).experiment_name(MODEL) == "crepe-smollm2-135m"
+    assert open_tracker(None, tmp_path, enabled=False, experiment="crepe/{spec}").experiment_name(MODEL) == f"crepe/{MODEL}"
     with pytest.raises(CrepeError, match="template"):
-        Tracker(None, tmp_path, experiment="crepe-{modle}")
+        open_tracker(None, tmp_path, experiment="crepe-{modle}")
 
 
 # --- parent runs ---------------------------------------------------------------------------------------------
@@ -201,7 +205,7 @@ def test_pipeline_run_tags_params_and_artifacts(tracker, tmp_path):
     assert tags["crepe.pattern"] == "2:4" and tags["crepe.method"] == "crepe" and tags["crepe.kind"] == "pipeline"
     assert tags["owner"] == "me" and tags["crepe.truncated_params"] == "notes"
     assert run.data.params["prune.sparsity"] == "2:4" and run.data.params["pho.top_k"] == "3"
-    assert len(run.data.params["notes"]) == tracking.MAX_PARAM_VALUE
+    assert len(run.data.params["notes"]) == tracking_values.MAX_PARAM_VALUE
     assert run.data.metrics == {"ppl/test": 12.0, "ppl/validation": 13.0, "zero_shot/boolq/acc": 0.6,
                                 "sparsity/overall": 0.5, "time/prune": 3.0}
     # the experiment is the model's, with artifacts under the project (never the working directory)
@@ -212,6 +216,19 @@ def test_pipeline_run_tags_params_and_artifacts(tracker, tmp_path):
     local = Path(run.info.artifact_uri.removeprefix("file://")) / "config" / "params.json"
     assert json.loads(local.read_text()) == params  # the untruncated config
     assert list(Path.cwd().iterdir()) == []
+
+
+def test_large_batches_rely_on_mlflow_splitting(tracker):
+    """250 params, 150 tags and 1,200 metrics in one call each: MlflowClient.log_batch splits them into
+    the store's limits (100 params/tags, 1,000 metrics per batch) itself; nothing is lost."""
+    params = {"p": {f"k{i:03d}": i for i in range(250)}}
+    with tracker.pipeline_run(MODEL, "big", params) as ref:
+        tracker.set_tags(ref, {f"t{i:03d}": i for i in range(150)})
+        tracker.log_metrics(ref, {"m": {f"x{i:04d}": float(i) for i in range(1200)}})
+    data = run_of(tracker, ref).data
+    assert len(data.params) == 250 and data.params["p.k249"] == "249"
+    assert sum(k.startswith("t") for k in data.tags) == 150 and data.tags["t149"] == "149"
+    assert len(data.metrics) == 1200 and data.metrics["m/x1199"] == 1199.0
 
 
 def test_set_lineage_after_start(tracker):
@@ -235,7 +252,7 @@ def test_pipeline_run_failure_and_interrupt_set_status(tracker):
 
 
 def test_run_key_reopens_an_unfinished_run_only(tracker):
-    key = tracking.run_key({"config": 1})
+    key = tracking_values.run_key({"config": 1})
     params = {"prune": {"sparsity": "2:4"}}
     with pytest.raises(RuntimeError):
         with tracker.pipeline_run(MODEL, "first", params, run_key=key) as first:
@@ -299,10 +316,10 @@ def test_log_search_twice_and_incremental_logging_do_not_duplicate(tracker, tmp_
     kids = children(tracker, ref)
     assert len(kids) == 7
     keys = tracker.child_keys(ref)
-    assert keys[Tracker.trial_key(summary["trials"][0])] == first_trial
-    assert keys[Tracker.candidate_key(summary["verified"][0])] == first_cand
+    assert keys[tracking_search.trial_key(summary["trials"][0])] == first_trial
+    assert keys[tracking_search.candidate_key(summary["verified"][0])] == first_cand
     # a resumed pipeline (same run_key) logging the same search: still one nested run each
-    key = tracking.run_key("resume")
+    key = tracking_values.run_key("resume")
     with pytest.raises(RuntimeError):
         with tracker.pipeline_run(MODEL, "killed", run_key=key) as a:
             tracker.log_search(a, pho)
@@ -322,23 +339,23 @@ def test_log_search_refuses_a_second_different_search(tracker, tmp_path):
 
 def test_load_pho_rejects_non_summaries(tmp_path):
     with pytest.raises(CrepeError, match="does not exist"):
-        tracking.load_pho(tmp_path / "missing.json")
+        tracking_search.load_pho(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(CrepeError, match="not valid JSON"):
-        tracking.load_pho(bad)
+        tracking_search.load_pho(bad)
     bad.write_text(json.dumps({"trials": [{"params": {}}]}))
     with pytest.raises(CrepeError, match="index"):
-        tracking.load_pho(bad)
+        tracking_search.load_pho(bad)
 
 
 # --- manifests, registry ----------------------------------------------------------------------------------------
 
 
 def test_log_manifest_metrics():
-    assert tracking.manifest_metrics({"prune": {"overall_sparsity": 0.5}, "evaluation": {"ppl": 9.0, "split": "test"}}) \
+    assert tracking_values.manifest_metrics({"prune": {"overall_sparsity": 0.5}, "evaluation": {"ppl": 9.0, "split": "test"}}) \
         == {"sparsity/overall": 0.5, "ppl/test": 9.0}
-    assert tracking.manifest_metrics({"sparsity": {"overall": 0.5}, "smoke_test": {"ppl": 3.0},
+    assert tracking_values.manifest_metrics({"sparsity": {"overall": 0.5}, "smoke_test": {"ppl": 3.0},
                                       "metrics": {"ppl": {"value": 7.0}}}) \
         == {"sparsity/overall": 0.5, "ppl/smoke": 3.0, "metrics": {"ppl": {"value": 7.0}}}
 
@@ -430,6 +447,11 @@ def test_log_transfer_table(tracker, tmp_path):
     assert csv.read_text().splitlines()[0] == "source,target,pattern,ria_ppl,transfer_ppl,params"
     assert artifact_paths(tracker, ref.run_id) == {"transfer/transfer.md", "transfer/transfer.json",
                                                    "transfer/transfer.csv"}
+    # the rows as an MLflow table (log_table's split format), once although two formats were logged
+    local = Path(run_of(tracker, ref).info.artifact_uri.removeprefix("file://")) / "transfer" / "transfer.json"
+    table = json.loads(local.read_text())
+    assert table["columns"] == ["source", "target", "pattern", "ria_ppl", "transfer_ppl", "params"]
+    assert [row[3] for row in table["data"]] == [30.12345, 20.0]
     with pytest.raises(CrepeError, match=r"\.md, \.csv or \.json"):
         tracker.log_transfer_table(ref, rows, tmp_path / "t.txt")
 
@@ -439,7 +461,10 @@ def test_log_transfer_table(tracker, tmp_path):
 
 def test_disabled_tracker_does_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    t = Tracker(None, tmp_path / "p", enabled=False)
+    t = open_tracker(None, tmp_path / "p", enabled=False)
+    assert isinstance(t, NullTracker)
+    public = {n for n in dir(MlflowTracker) if not n.startswith("_")}
+    assert public - set(dir(NullTracker)) == set()  # the null tracker answers every call the real one does
     t.check()
     with t.pipeline_run(MODEL, "off", {"a": 1}) as ref:
         assert not ref.active
@@ -465,7 +490,8 @@ def test_unreachable_http_server_fails_fast_in_one_sentence(tmp_path, monkeypatc
     for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     uri = f"http://127.0.0.1:{_closed_port()}"
-    t = Tracker(uri, tmp_path)
+    t = open_tracker(uri, tmp_path)
+    assert isinstance(t, MlflowTracker)
     assert t.remote
     import os
 
@@ -478,13 +504,13 @@ def test_unreachable_http_server_fails_fast_in_one_sentence(tmp_path, monkeypatc
 
 @pytest.mark.timeout(60)
 def test_silent_http_server_fails_after_the_probe_timeout(tmp_path, monkeypatch):
-    monkeypatch.setattr(tracking, "PROBE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(tracking_store, "PROBE_TIMEOUT_S", 0.5)
     with socket.socket() as server:  # accepts connections (kernel backlog) but never answers
         server.bind(("127.0.0.1", 0))
         server.listen(4)
         uri = f"http://127.0.0.1:{server.getsockname()[1]}"
         with pytest.raises(CrepeError, match="does not answer HTTP") as err:
-            Tracker(uri, tmp_path).check()
+            MlflowTracker(uri, tmp_path).check()
     assert uri in str(err.value)
 
 
@@ -493,16 +519,16 @@ def test_unwritable_sqlite_path_fails_in_one_sentence(tmp_path):
     blocker.write_text("not a folder")
     uri = f"sqlite:///{blocker}/sub/mlflow.db"
     with pytest.raises(CrepeError) as err:
-        Tracker(uri, tmp_path).check()
+        MlflowTracker(uri, tmp_path).check()
     assert uri in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(CrepeError, match="in-memory"):
-        Tracker("sqlite:///:memory:", tmp_path).check()
+        MlflowTracker("sqlite:///:memory:", tmp_path).check()
 
 
 def test_deleted_experiment_is_reported(tracker):
     exp_id = tracker.experiment_id(OTHER)
     tracker.client.delete_experiment(exp_id)
-    fresh = Tracker(tracker.uri, tracker.project_root)
+    fresh = MlflowTracker(tracker.uri, tracker.project_root)
     with pytest.raises(CrepeError, match="was deleted"):
         with fresh.pipeline_run(OTHER, "x"):
             pass
@@ -529,14 +555,22 @@ def test_library_never_imports_orchestration_packages():
     offenders += [f"{p.relative_to(REPO)} imports mlflow" for p in sorted((REPO / "flows").rglob("*.py"))
                   if "mlflow" in _imports(p)]
     assert offenders == []
-    assert "mlflow" in _imports(REPO / "tasks" / "tracking.py")  # the scanner sees a lazy import
+    assert "mlflow" in _imports(REPO / "tasks" / "tracking_mlflow.py")  # the one MLflow caller
+
+
+def test_tracking_off_never_imports_mlflow():
+    """open_tracker decides once: with tracking off, MLflow (about 1.4 s to import) is never loaded."""
+    code = ("import sys; from tasks.tracking import open_tracker; "
+            "t = open_tracker(None, sys.argv[1], enabled=False); t.check(); "
+            "assert type(t).__name__ == 'NullTracker' and 'mlflow' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code, str(REPO / "nonexistent")], cwd=REPO, check=True)
 
 
 # --- crepe ui ----------------------------------------------------------------------------------------------------------
 
 
 def test_ui_command_is_localhost_only(tmp_path):
-    cmd = tracking.ui_command("sqlite:////x/mlflow.db", 5123, tmp_path / "art", python="py")
+    cmd = tracking_store.ui_command("sqlite:////x/mlflow.db", 5123, tmp_path / "art", python="py")
     assert cmd[:3] == ["py", "-m", "mlflow"] and cmd[3] == "ui"
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "5123"
     assert cmd[cmd.index("--backend-store-uri") + 1] == "sqlite:////x/mlflow.db"
@@ -544,17 +578,14 @@ def test_ui_command_is_localhost_only(tmp_path):
 
 
 def test_cli_ui_arguments(tmp_path, monkeypatch, capsys):
-    import subprocess
-
     from flows.cli import main
 
     started: list[list[str]] = []
 
-    class FakePopen:
-        def __init__(self, cmd, **kwargs):
-            started.append(cmd)
-            self.pid = -1
-            assert kwargs.get("start_new_session") is True
+    real_popen = subprocess.Popen
+
+    class FakeProcess:
+        pid = -1
 
         def wait(self, timeout=None):
             return 0
@@ -562,7 +593,14 @@ def test_cli_ui_arguments(tmp_path, monkeypatch, capsys):
         def poll(self):
             return 0
 
-    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    def fake_popen(cmd, **kwargs):
+        if "mlflow" not in cmd:  # other processes (e.g. ctypes' library lookup during imports) run for real
+            return real_popen(cmd, **kwargs)
+        started.append(cmd)
+        assert kwargs.get("start_new_session") is True
+        return FakeProcess()
+
+    monkeypatch.setattr(subprocess, "Popen", fake_popen)
     assert main(["ui", "--project", str(tmp_path), "--port", str(_closed_port())]) == 0
     out = capsys.readouterr().out
     (cmd,) = started

@@ -248,9 +248,9 @@ def test_cli_bad_regex_exits_2(tmp_path, capsys) -> None:
 def test_pho_prunes_and_restores_the_same_weights_as_the_final_prune() -> None:
     """SearchContext takes the prune's selection: a candidate leaves ignored weights dense, routers pruned
     on request are restored exactly between candidates."""
-    from crepe.jobs import Budget
+    from crepe.budget import Budget
     from crepe.models import LoadedModel, ModelInfo
-    from crepe.search.runs import SearchContext
+    from crepe.search.context import SearchContext
 
     model = qwen3_moe()
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -4,16 +4,18 @@
 - the first document of each task renders exactly as lm-eval's built-in task renders it (the
   built-in task is built by lm-eval's TaskManager from its own YAML and fed the same raw record);
 - a tiny model completes ``limit=8`` with metrics in [0, 1]; in-memory == saved-and-reloaded;
-- crepe's scoring wrapper equals stock ``HFLM`` bit for bit (``pack=False``) and a one-request-at-a-time
-  reference loop up to float rounding (packed rows), on five architectures (hypothesis);
+- crepe's scorer (an ``lm_eval.api.model.LM``) equals stock ``HFLM`` bit for bit (``pack=False``) and a
+  one-request-at-a-time reference loop up to float rounding (packed rows), on five architectures
+  (hypothesis); ``run_zero_shot(pack=False)`` runs stock ``HFLM`` with the same accuracies;
+- crepe.zeroshot uses lm-eval's public API only (no underscore modules or names);
 - bad input: unknown task, missing file while offline, ``--limit`` < 1, truncated file.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,8 @@ from tiny_models import VOCAB, build
 from crepe import zeroshot as zs
 from crepe.data import resolve_data_dir
 from crepe.errors import CrepeError
+from crepe.zeroshot.scorer import stock_hflm
+from tasks.zeroshot import format_zero_shot_table, zero_shot_metrics
 
 DATA = resolve_data_dir()
 needs_data = pytest.mark.skipif(
@@ -80,16 +84,6 @@ def test_six_tasks_load_from_local_files_with_official_counts(local_tasks) -> No
         assert list(files.values()) == [str(DATA / zs.TASK_DATA[name].local_file)]
         assert len(task.eval_docs) == official[name] == zs.TASK_DATA[name].official_count, name
         assert task.config.num_fewshot == 0
-        # only data-location keys were overridden: prompt, choices, target and metrics are lm-eval's
-        from lm_eval.tasks._yaml_loader import load_yaml
-
-        builtin = load_yaml(zs.builtin_yaml(name), resolve_func=True, recursive=True)
-        for key in ("doc_to_text", "doc_to_choice", "doc_to_target", "output_type", "process_docs"):
-            mine, theirs = getattr(task.config, key), builtin.get(key)
-            if callable(theirs):  # !function entries: the same function from lm-eval's utils.py
-                assert mine.__code__ == theirs.__code__ and mine.__module__ == theirs.__module__, (name, key)
-            else:
-                assert mine == theirs, (name, key)
         metrics = [m["metric"] for m in task.config.metric_list]
         assert metrics == (["acc", "acc_norm"] if name in ("hellaswag", "arc_easy", "arc_challenge") else ["acc"])
 
@@ -107,6 +101,35 @@ def test_sources_hub_when_online_and_error_naming_the_file_when_offline(tmp_path
     msg = str(err.value)
     assert str(tmp_path / "boolq" / "super_glue_boolq_validation.jsonl") in msg
     assert "offline" in msg and "--data-dir" in msg and "3270 rows" in msg
+
+
+def test_task_yaml_includes_the_builtin_file_and_changes_only_data_location(tmp_path) -> None:
+    src = zs.TaskSource("arc_challenge", "local", "/d/arc/ARC-Challenge-test.jsonl", "test")
+    doc = zs.task_yaml("arc_challenge", src)
+    assert doc == {"include": str(zs.builtin_yaml("arc_challenge")), "task": "arc_challenge", "num_fewshot": 0,
+                   "dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": {"test": src.path}},
+                   "training_split": None, "validation_split": None}
+    merged = zs.read_config(zs.builtin_yaml("arc_challenge"))  # follows include: arc_easy.yaml
+    assert merged["dataset_name"] == "ARC-Challenge" and merged["test_split"] == "test"
+    assert zs.read_config(zs.builtin_yaml("hellaswag"))["process_docs"] is None  # a !function tag, not resolved
+    hub = zs.TaskSource("rte", "hub", "nyu-mll/glue rte", "validation")
+    assert zs.task_yaml("rte", hub) == {"include": str(zs.builtin_yaml("rte")), "task": "rte", "num_fewshot": 0}
+
+
+def test_only_public_lm_eval_names_are_used() -> None:
+    """No private lm-eval module or name, no HFLM subclass, no tqdm patching in crepe.zeroshot."""
+    folder = Path(zs.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        text = path.read_text()
+        assert not re.search(r"lm_eval(\.\w+)*\._(?!_)", text), path.name  # dunders (__file__) are public
+        for line in re.findall(r"from lm_eval[\w.]* import [^\n]+", text):
+            assert not re.search(r"import .*\b_\w", line), (path.name, line)
+        assert not re.search(r"import tqdm|from tqdm|\.tqdm\b", text) and "(HFLM)" not in text, path.name
+    import lm_eval.api.model
+
+    from crepe.zeroshot.scorer import PackedLM
+
+    assert issubclass(PackedLM, lm_eval.api.model.LM) and PackedLM.__mro__[1] is lm_eval.api.model.LM
 
 
 def test_source_overrides_touch_only_data_location(tmp_path) -> None:
@@ -158,7 +181,7 @@ GOLDEN = {
 
 
 @needs_data
-@pytest.mark.parametrize("name", zs.TASKS)
+@pytest.mark.parametrize("name", list(zs.TASKS))
 def test_first_document_prompt_equals_builtin_task(name, local_tasks, monkeypatch) -> None:
     import datasets
     from lm_eval.tasks import TaskManager
@@ -181,6 +204,13 @@ def test_first_document_prompt_equals_builtin_task(name, local_tasks, monkeypatc
     assert ours.doc_to_text(ours_doc) == builtin.doc_to_text(builtin_doc)
     assert ours.doc_to_choice(ours_doc) == builtin.doc_to_choice(builtin_doc)
     assert ours.doc_to_target(ours_doc) == builtin.doc_to_target(builtin_doc)
+    # only data-location keys were overridden: prompt, choices, target and metrics are lm-eval's
+    for key in ("doc_to_text", "doc_to_choice", "doc_to_target", "output_type", "process_docs", "metric_list"):
+        mine, theirs = getattr(ours.config, key), getattr(builtin.config, key)
+        if callable(theirs):  # !function entries: the same function from lm-eval's utils.py
+            assert mine.__code__ == theirs.__code__ and mine.__module__ == theirs.__module__, (name, key)
+        else:
+            assert mine == theirs, (name, key)
     builtin.set_config(key="num_fewshot", value=0)
     ours_reqs, builtin_reqs = _requests(ours), _requests(builtin)
     assert ours_reqs == builtin_reqs
@@ -197,7 +227,9 @@ def test_first_document_prompt_equals_builtin_task(name, local_tasks, monkeypatc
 @needs_data
 def test_tiny_model_limit_8_completes_with_metrics_in_unit_interval(tiny_lm) -> None:
     pad_before = tiny_lm.tokenizer.pad_token
+    rng = torch.get_rng_state()
     result = zs.run_zero_shot(tiny_lm.model, tiny_lm.tokenizer, limit=8, batch_size=4)
+    assert torch.equal(torch.get_rng_state(), rng)  # lm-eval did not reseed the caller's generators
     assert list(result["tasks"]) == list(zs.TASKS) and result["all_six"]
     for name, t in result["tasks"].items():
         assert 0.0 <= t["acc"] <= 1.0 and t["n"] == 8 and t["n_total"] == zs.TASK_DATA[name].official_count
@@ -216,10 +248,11 @@ def test_tiny_model_limit_8_completes_with_metrics_in_unit_interval(tiny_lm) -> 
     assert thr["requests"] == 8 * (2 + 2 + 3 + 4) + sum(
         len(d["choices"]["text"]) for d in _arc_docs(8))
     assert 0 < thr["tokens"] < thr["request_tokens"]  # packing fed fewer tokens than lm-eval would
-    assert tiny_lm.tokenizer.pad_token == pad_before  # lm-eval got a copy of the tokenizer
-    table = zs.format_zero_shot_table(result)
+    assert tiny_lm.tokenizer.pad_token == pad_before  # the tokenizer was not changed
+    assert result["scorer"] == "packed" and result["packed_contexts"] is True
+    table = format_zero_shot_table(result)
     assert table.count("\n") == 2 + 6 and "| boolq | 8 of 3270 |" in table and "average acc (6 tasks)" in table
-    metrics = zs.zero_shot_metrics(result)
+    metrics = zero_shot_metrics(result)
     assert metrics["zeroshot/avg_acc"] == result["average_acc"] and "zeroshot/boolq/acc_norm" not in metrics
 
 
@@ -263,12 +296,9 @@ def _requests_limit(task, limit: int) -> list:
 @needs_data
 def test_live_wrapper_equals_stock_hflm(tiny_lm) -> None:
     """pack=False: bit for bit equal to lm-eval's own HFLM; packed: equal up to float rounding."""
-    from lm_eval.models.huggingface import HFLM
-
     tasks = zs.build_tasks(list(zs.TASKS), zs.resolve_sources(list(zs.TASKS)))
     reqs = [inst for t in tasks.values() for inst in _requests_limit(t, 5)]
-    with zs.quiet_lm_eval():
-        stock = HFLM(pretrained=tiny_lm.model, tokenizer=copy.deepcopy(tiny_lm.tokenizer), batch_size=4)
+    stock = stock_hflm(tiny_lm.model, tiny_lm.tokenizer, 4)
     expected = stock.loglikelihood(reqs, disable_tqdm=True)
     rows = zs.live_hflm(tiny_lm.model, tiny_lm.tokenizer, 4, pack=False)
     assert rows.loglikelihood(reqs) == expected
@@ -277,6 +307,47 @@ def test_live_wrapper_equals_stock_hflm(tiny_lm) -> None:
     assert packed.stats.packed_rows > 0 and packed.stats.tokens < rows.stats.tokens
     for (a, ga), (b, gb) in zip(got, expected, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_rolling_loglikelihood_equals_stock_hflm_and_generation_is_refused() -> None:
+    """``loglikelihood_rolling`` windows a long string as HFLM does (max_length 8 forces several windows)."""
+    from lm_eval.api.instance import Instance
+
+    model, tok = build("llama", attn="eager"), word_tokenizer()
+    text = ["alpha beta gamma delta alpha beta gamma delta alpha beta gamma delta alpha", "beta gamma"]
+    reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(text)]
+    expected = stock_hflm(model, tok, 2, max_length=8).loglikelihood_rolling(reqs, disable_tqdm=True)
+    got = zs.live_hflm(model, tok, 2, max_length=8).loglikelihood_rolling(reqs)
+    assert len(got) == 2 and got[0] < got[1] < 0
+    assert got == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(NotImplementedError, match="log-likelihoods only"):
+        zs.live_hflm(model, tok).generate_until([Instance("generate_until", {}, ("x", {}), 0)])
+
+
+@needs_data
+def test_stock_hflm_mode_gives_the_same_accuracies(tiny_lm) -> None:
+    """``pack=False`` runs lm-eval's own HFLM through simple_evaluate; accuracies equal the packed scorer's."""
+    packed = zs.run_zero_shot(tiny_lm.model, tiny_lm.tokenizer, "rte,hellaswag", limit=4, batch_size=4)
+    stock = zs.run_zero_shot(tiny_lm.model, tiny_lm.tokenizer, "rte,hellaswag", limit=4, batch_size=4, pack=False)
+    assert stock["scorer"] == "hflm" and stock["packed_contexts"] is False and stock["throughput"]["tokens"] is None
+    for name in ("rte", "hellaswag"):
+        for key in ("acc", "acc_norm", "n", "n_total", "version"):
+            assert packed["tasks"][name][key] == stock["tasks"][name][key], (name, key)
+
+
+def test_comparison_table_one_row_per_method_and_blank_cells_for_missing_metrics() -> None:
+    from tasks.zeroshot import format_zero_shot_comparison
+
+    def result(accs, norms):
+        return {"tasks": {n: {"acc": a, "acc_norm": m} for n, a, m in zip(("boolq", "hellaswag"), accs, norms)}}
+
+    rows = [{"method": "dense", "pattern": "-", "zero_shot": result([0.5, 0.25], [None, 0.3])},
+            {"method": "wanda", "pattern": "2:4", "zero_shot": result([0.625, 0.125], [None, 0.2])}]
+    assert format_zero_shot_comparison(rows).splitlines() == [
+        "| method | pattern | BoolQ | HellaSwag | avg |", "|---|---|---:|---:|---:|",
+        "| dense | - | 50.00 | 25.00 | 37.50 |", "| wanda | 2:4 | 62.50 | 12.50 | 37.50 |"]
+    assert format_zero_shot_comparison(rows, "acc_norm").splitlines()[2] == "| dense | - |  | 30.00 |  |"
+    assert format_zero_shot_comparison([]) == ""
 
 
 def test_bad_input() -> None:
@@ -385,7 +456,7 @@ def _wrapper(arch: str, attn: str, pack: bool, max_length: int):
 @given(reqs=request_sets(), pack=st.booleans(), max_length=st.sampled_from([64, 8]))
 def test_scores_equal_reference_loop(arch, attn, reqs, pack, max_length) -> None:
     lm = _wrapper(arch, attn, pack, max_length)
-    got = lm._loglikelihood_tokens(reqs)
+    got = lm.loglikelihood_tokens(reqs)
     expected = _reference(lm.model, reqs, max_length)
     for (value, greedy), ref in zip(got, expected, strict=True):
         assert math.isfinite(value) and value == pytest.approx(ref, abs=2e-4)
@@ -432,44 +503,23 @@ def test_cli_eval_zero_shot_bad_input(tiny_dir, argv, message, capsys) -> None:
     assert message in err and "Traceback" not in err
 
 
-class _FakeMlflow:
-    """Records what would go to MLflow (the real client needs seconds of sqlite migrations per test)."""
-
-    def __init__(self) -> None:
-        self.metrics: dict = {}
-        self.params: dict = {}
-        self.dicts: dict = {}
-
-    def active_run(self):
-        return object()
-
-    def log_metrics(self, metrics):
-        assert all(isinstance(v, float) for v in metrics.values())
-        self.metrics.update(metrics)
-
-    def log_params(self, params):
-        self.params.update({k: str(v) for k, v in params.items()})
-
-    def log_dict(self, value, name):
-        json.dumps(value)  # must be JSON-serialisable
-        self.dicts[name] = value
-
-
 @needs_data
-def test_prefect_task_logs_metrics_to_mlflow(tiny_lm, monkeypatch) -> None:
-    import sys
+def test_zero_shot_metrics_reach_a_real_mlflow_store(tiny_lm, tmp_path) -> None:
+    """The pipeline's evaluate result goes to MLflow through the track task's own path: run_metrics flattens
+    it and the Tracker logs it with MLflow's log_batch (a real sqlite store)."""
+    from tasks.publish import run_metrics
+    from tasks.tracking import open_tracker
 
-    from tasks.zeroshot import zero_shot_eval
-
-    fake = _FakeMlflow()
-    monkeypatch.setitem(sys.modules, "mlflow", fake)
-    result = zero_shot_eval.fn(tiny_lm, tasks="boolq,hellaswag", limit=2, prefix="pruned")
-    assert fake.metrics["pruned/boolq/acc"] == result["tasks"]["boolq"]["acc"]
-    assert fake.metrics["pruned/hellaswag/acc_norm"] == result["tasks"]["hellaswag"]["acc_norm"]
-    assert fake.metrics["pruned/avg_acc"] == result["average_acc"] and fake.metrics["pruned/boolq/n"] == 2
-    assert "pruned/boolq/acc_norm" not in fake.metrics
-    assert fake.params["pruned.limit"] == "2" and fake.params["pruned.lm_eval_version"] == result["lm_eval_version"]
-    assert fake.dicts["pruned.json"] is result
+    result = zs.run_zero_shot(tiny_lm.model, tiny_lm.tokenizer, ["boolq", "hellaswag"], limit=2)
+    metrics = run_metrics({"ppl": {"split": "test", "ppl": 12.5}, "zero_shot": result}, None)
+    tracker = open_tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+    with tracker.pipeline_run("tiny", "zero-shot", {"eval": {"zero_shot": {"limit": 2}}}, kind="pipeline") as ref:
+        tracker.log_metrics(ref, metrics)
+    logged = tracker.client.get_run(ref.run_id).data.metrics
+    assert logged["zero_shot/boolq/acc"] == result["tasks"]["boolq"]["acc"]
+    assert logged["zero_shot/hellaswag/acc_norm"] == result["tasks"]["hellaswag"]["acc_norm"]
+    assert logged["zero_shot/avg_acc"] == result["average_acc"] and logged["zero_shot/boolq/n"] == 2
+    assert "zero_shot/boolq/acc_norm" not in logged and logged["ppl/test"] == 12.5
 
 
 @needs_data

@@ -14,18 +14,24 @@ from collections.abc import Mapping
 from typing import Any
 
 from crepe.errors import CrepeError
-from crepe.refine.dsnot import DSNOT_DEFAULTS, R2_DEFAULTS, check_dsnot_params
+from crepe.permute import PERMUTE_DEFAULTS, permuted_mask
+from crepe.refine.dsnot import DSNOT_DEFAULTS, R2_DEFAULTS, check_dsnot_params, refine_layer
+from crepe.registry import Registry
 
-REFINES: tuple[str, ...] = ("cp", "lsa", "dsnot", "r2-dsnot")
-PERMUTE_REFINES: tuple[str, ...] = ("cp", "lsa")
-DSNOT_REFINES: tuple[str, ...] = ("dsnot", "r2-dsnot")
-
-REFINE_DOCS = {
-    "cp": "N:M only: RIA's heuristic channel reallocation before the N:M selection (spec §6.1)",
-    "lsa": "N:M only: channel reallocation plus linear-sum-assignment refinement (spec §6.2)",
-    "dsnot": "DSnoT training-free prune-and-grow from the method's mask, no weight update (spec §9)",
-    "r2-dsnot": "R²-DSnoT, our documented variant of DSnoT (spec §10); reduces to DSnoT",
-}
+# The refinement registry (``refine.method``, ``--refine``): one entry per name; ``obj`` is the function
+# the pruner calls for it (``permuted_mask`` before the N:M selection, ``refine_layer`` after the mask).
+REFINES = Registry("refinement")
+REFINES.register("cp", "N:M only: RIA's heuristic channel reallocation before the N:M selection (spec §6.1)",
+                 defaults=PERMUTE_DEFAULTS["cp"], patterns="nm", obj=permuted_mask)
+REFINES.register("lsa", "N:M only: channel reallocation plus linear-sum-assignment refinement (spec §6.2)",
+                 defaults=PERMUTE_DEFAULTS["lsa"], patterns="nm", obj=permuted_mask)
+REFINES.register("dsnot", "DSnoT training-free prune-and-grow from the method's mask, no weight update (spec §9)",
+                 defaults=DSNOT_DEFAULTS, obj=refine_layer)
+REFINES.register("r2-dsnot", "R²-DSnoT, our documented variant of DSnoT (spec §10); reduces to DSnoT",
+                 defaults=R2_DEFAULTS, obj=refine_layer)
+REFINE_DOCS = {name: entry.doc for name, entry in REFINES.items()}
+PERMUTE_REFINES: tuple[str, ...] = tuple(n for n, e in REFINES.items() if e.obj is permuted_mask)  # cp, lsa
+DSNOT_REFINES: tuple[str, ...] = tuple(n for n, e in REFINES.items() if e.obj is refine_layer)  # dsnot, r2-dsnot
 
 
 def check_refine(refine: str | None) -> str | None:
@@ -36,11 +42,9 @@ def check_refine(refine: str | None) -> str | None:
 
 def refine_defaults(refine: str) -> dict[str, Any]:
     check_refine(refine)
-    if refine == "dsnot":
-        return dict(DSNOT_DEFAULTS)
-    if refine == "r2-dsnot":
-        return dict(R2_DEFAULTS)
-    return {}  # cp / lsa: crepe.permute owns its parameters and checks them
+    if refine in PERMUTE_REFINES:
+        return {}  # cp / lsa: crepe.permute owns its parameters and checks them
+    return dict(REFINES[refine].defaults)
 
 
 def resolve_refine_params(refine: str | None, params: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -97,5 +97,6 @@ def score(
     return scorer.fn(w, act, **full)
 
 
+# Last, not at the top: each scorer module registers itself through register_scorer above (an import cycle).
 from crepe.scoring import crepe as _crepe  # noqa: E402,F401
 from crepe.scoring import magnitude, ria, symmetric, wanda  # noqa: E402,F401  (registration side effects)

@@ -3,9 +3,13 @@
 - :mod:`~crepe.search.proxies`: Gini and outlier proxies of one pruned layer's scores;
 - :mod:`~crepe.search.space`: the (alpha, beta, log10 gamma[, K]) box and its unit-cube map;
 - :mod:`~crepe.search.samplers`: seeded, resumable ask/tell samplers (cmaes, tpe, random);
-- :mod:`~crepe.search.objective`: target input norms and the ``params -> proxies`` objective.
+- :mod:`~crepe.search.objective`: target input norms and the ``params -> proxies`` objective;
+- :mod:`~crepe.search.driver`: the two stages (proxy screening, perplexity verification), resumable;
+- :mod:`~crepe.search.hillclimb`: the perplexity hill-climbing baseline.
 """
 
+from crepe.search.driver import Trial, load_resume_state, run_pho, screen, select_candidates, verify
+from crepe.search.hillclimb import hill_climb
 from crepe.search.objective import DEFAULT_TARGET, ProxyObjective, find_target, target_input_norm
 from crepe.search.proxies import PROXY_NAMES, compute_proxies, gini, outlier_ratio
 from crepe.search.samplers import (
@@ -27,26 +31,20 @@ __all__ = [
     "ProxyObjective",
     "Sampler",
     "SearchSpace",
+    "Trial",
     "cma_population_size",
     "compute_proxies",
     "default_popsize",
     "find_target",
     "gini",
-    "make_sampler",
-    "outlier_ratio",
-    "sampler_from_state",
-    "target_input_norm",
-]
-
-from crepe.search.driver import Trial, load_resume_state, run_pho, screen, select_candidates, verify  # noqa: E402
-from crepe.search.hillclimb import hill_climb  # noqa: E402
-
-__all__ += [
-    "Trial",
     "hill_climb",
     "load_resume_state",
+    "make_sampler",
+    "outlier_ratio",
     "run_pho",
+    "sampler_from_state",
     "screen",
     "select_candidates",
+    "target_input_norm",
     "verify",
 ]

@@ -17,9 +17,9 @@ from crepe.blocks import capture_inputs, find_blocks, model_device, run_block
 from crepe.errors import CrepeError
 from crepe.masks import LAYER_RULES, select_mask
 from crepe.neighborhood import check_kernel_size
-from crepe.pruner import InputNormAccumulator
 from crepe.scoring import score
 from crepe.search.proxies import compute_proxies
+from crepe.stats import InputNormAccumulator
 from crepe.types import SparsitySpec, check_group, check_sparsity
 from crepe.weights import PrunableWeight, prunable_weights
 

@@ -10,14 +10,8 @@ from __future__ import annotations
 import torch
 
 from crepe.errors import CrepeError
+from crepe.registry import Registry
 
-PROXY_NAMES: tuple[str, ...] = (
-    "gini_pruned",
-    "gini_retained",
-    "outlier",
-    "outlier_pruned",
-    "outlier_retained",
-)
 OUTLIER_M = 5.0  # OWL's unstructured setting
 
 
@@ -77,3 +71,12 @@ def compute_proxies(scores: torch.Tensor, keep: torch.Tensor, m: float = OUTLIER
         "outlier_pruned": outlier_ratio(pruned, m),
         "outlier_retained": outlier_ratio(retained, m),
     }
+
+
+# The proxy registry (``crepe proxy-study`` columns; ``gini_pruned`` is PHO's objective).
+PROXY_NAMES = Registry("proxy")
+PROXY_NAMES.register("gini_pruned", "Gini coefficient of the scores the mask removes (the search objective, spec §8.1)")
+PROXY_NAMES.register("gini_retained", "Gini coefficient of the scores the mask keeps (spec §8.2)")
+PROXY_NAMES.register("outlier", "share of scores above OUTLIER_M x the mean of all scores (spec §8.2)")
+PROXY_NAMES.register("outlier_pruned", "outlier share among the removed scores, against their own mean (spec §8.2)")
+PROXY_NAMES.register("outlier_retained", "outlier share among the kept scores, against their own mean (spec §8.2)")

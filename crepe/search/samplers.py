@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from crepe.errors import CrepeError
+from crepe.registry import Registry
 
-SAMPLERS: tuple[str, ...] = ("cmaes", "tpe", "random")
 DEFAULT_SIGMA = 0.3
 
 
@@ -128,7 +128,7 @@ class CMASampler(Sampler):
     def __init__(
         self, dim: int, n_trials: int, seed: int, sigma: float = DEFAULT_SIGMA, mean: Any = None
     ) -> None:
-        from cmaes import CMA
+        from cmaes import CMA  # optional: the "search" extra
 
         if dim < 2:
             raise CrepeError(f"the cmaes sampler needs dim >= 2, got {dim}; use tpe or random for 1-D")
@@ -168,7 +168,7 @@ class OptunaSampler(Sampler):
     """Optuna's TPE or random sampler on float parameters ``u0 .. u{dim-1}`` in [0, 1]."""
 
     def __init__(self, name: str, dim: int, n_trials: int, seed: int) -> None:
-        import optuna
+        import optuna  # optional ("search" extra) and slow to import
 
         super().__init__(dim, n_trials, seed)
         self.name = name
@@ -203,6 +203,13 @@ def make_sampler(
     if name == "cmaes":
         return CMASampler(int(dim), int(n_trials), int(seed), sigma, mean)
     return OptunaSampler(name, int(dim), int(n_trials), int(seed))
+
+
+# The sampler registry (``pho.sampler``, ``--sampler``).
+SAMPLERS = Registry("sampler")
+SAMPLERS.register("cmaes", "CMA-ES (the cmaes package) in the unit cube; the paper's sampler (spec §8.4)", obj=CMASampler)
+SAMPLERS.register("tpe", "Optuna's seeded TPE sampler", obj=OptunaSampler)
+SAMPLERS.register("random", "Optuna's seeded uniform random sampler", obj=OptunaSampler)
 
 
 def sampler_from_state(state: dict[str, Any]) -> Sampler:
