@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +37,6 @@ from torch import nn
 from crepe.blocks import capture_inputs, find_blocks, model_device, run_block
 from crepe.errors import CrepeError
 from crepe.esd import ESD_METRICS, block_esd_metrics, block_param_counts
-from crepe.io import save_figure_atomic
 from crepe.registry import Registry
 from crepe.stats import BlockStats
 from crepe.weights import prunable_weights
@@ -307,31 +305,3 @@ def block_ratios(
     if method == "owl":
         return owl_ratios_from_outliers([s[0] for s in stats], target, full["lam"])
     return dlp_ratios([s[1] for s in stats], target, full["alpha"])
-
-
-def plot_ratios(
-    ratios: Sequence[float], path: str | Path, target: float | None = None, title: str | None = None
-) -> Path:
-    """Bar chart of the per-block sparsities (PNG, matplotlib Agg), written atomically to ``path``."""
-    try:  # the object API renders with Agg and never touches pyplot's global backend
-        from matplotlib.figure import Figure  # heavy: only the allocation plot needs matplotlib
-    except ImportError as exc:  # matplotlib is in the "search" extra
-        raise CrepeError("plotting layer ratios needs matplotlib; install the 'search' extra") from exc
-    values = [float(r) for r in ratios]
-    if not values:
-        raise CrepeError("no layer ratios to plot")
-    target_path = Path(path)
-    target_path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(max(4.0, 0.25 * len(values) + 2), 3.2))
-    ax = fig.add_subplot(1, 1, 1)
-    ax.bar(range(len(values)), values, color="#4C72B0")
-    if target is not None:
-        ax.axhline(float(target), color="#C44E52", linestyle="--", linewidth=1, label=f"target {target:g}")
-        ax.legend(loc="upper left", fontsize=8)
-    ax.set_xlabel("decoder block")
-    ax.set_ylabel("sparsity")
-    ax.set_ylim(0, min(1.0, max(values) * 1.15 + 0.02))
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return save_figure_atomic(fig, target_path, dpi=100)

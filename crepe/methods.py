@@ -15,6 +15,7 @@ from typing import Any
 
 from crepe import sparsegpt as _sparsegpt
 from crepe.errors import CrepeError
+from crepe.registry import resolve_params
 from crepe.scoring import SCORERS, Scorer
 
 
@@ -75,15 +76,8 @@ def get_method(name: str) -> Scorer | Updater:
 def resolve_method_params(name: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
     """The method's defaults overlaid with ``params``; unknown names raise, values are checked."""
     method = get_method(name)
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(method.defaults))
-    if unknown:
-        allowed = ", ".join(sorted(method.defaults)) or "none"
-        raise CrepeError(f"method {name!r} has no parameter {unknown[0]!r}; its parameters: {allowed}")
-    full = {**method.defaults, **params}
-    if isinstance(method, Updater) and method.check is not None:
-        method.check(full)
-    return full
+    return resolve_params(f"method {name!r}", method.defaults, params,
+                          method.check if isinstance(method, Updater) else None)
 
 
 register_updater(

@@ -31,15 +31,22 @@ class Entry:
 
     def resolve(self, params: Mapping[str, Any] | None, axis: str = "") -> dict[str, Any]:
         """The defaults overlaid with ``params``; an unknown name or a bad value raises CrepeError."""
-        params = dict(params or {})
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            allowed = ", ".join(sorted(self.defaults)) or "none"
-            raise CrepeError(f"{axis or 'entry'} {self.name!r} has no parameter {unknown[0]!r}; its parameters: {allowed}")
-        full = {**self.defaults, **params}
-        if self.check is not None:
-            self.check(full)
-        return full
+        return resolve_params(f"{axis or 'entry'} {self.name!r}", self.defaults, params, self.check)
+
+
+def resolve_params(what: str, defaults: Mapping[str, Any], params: Mapping[str, Any] | None,
+                   check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """``defaults`` overlaid with ``params`` (``what`` names the owner in the message, e.g. "method 'crepe'");
+    an unknown name raises CrepeError listing the known ones, and ``check`` validates the result."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        allowed = ", ".join(sorted(defaults)) or "none"
+        raise CrepeError(f"{what} has no parameter {unknown[0]!r}; its parameters: {allowed}")
+    full = {**defaults, **params}
+    if check is not None:
+        check(full)
+    return full
 
 
 class Registry(Mapping[str, Entry]):

@@ -27,7 +27,7 @@ from flows.pipeline import check_until, pipeline, preflight, task_runner, transf
 from flows.runtime import prefect_env
 from tasks.config import load_config
 from tasks.inputs import write_inputs
-from tasks.pipeline import STEPS
+from tasks.steps import STEPS
 from tasks.tracking_store import TrackingLocation, ui_command
 from tasks.verify import verify_release
 

@@ -34,8 +34,8 @@ from tasks.common import provenance
 from tasks.compare import format_table, render_results, run_compare
 from tasks.evaluate import evaluate_folder
 from tasks.inputs import resolve
-from tasks.pipeline import STEPS
 from tasks.prune import check_out_dir, prune_to_folder
+from tasks.steps import STEPS
 from tasks.zeroshot import format_zero_shot_table
 
 TABLE_PATTERNS = ["0.5", "2:4", "4:8"]
@@ -97,7 +97,9 @@ def add_parsers(sub: Any) -> None:
     add_budget_args(p)
 
     p = sub.add_parser("methods", help="list every registry: methods, refinements, allocations, samplers, ...")
-    p.add_argument("--json", action="store_true", help="print the registries as JSON")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--json", action="store_true", help="print the registries as JSON")
+    how.add_argument("--markdown", action="store_true", help="print them as the markdown tables of docs/methods.md")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -158,25 +160,24 @@ def _print_prune(cfg: Any, manifest: dict[str, Any], timings: dict[str, Any], ou
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    fixed = ["pho.enabled=false"]
+    flags: dict[str, str] = {}
     if args.split:
-        fixed.append(f"eval.ppl.split={args.split}")
+        flags[f"eval.ppl.split={args.split}"] = f"--split {args.split}"
     if args.zero_shot is None:
         for flag, value in (("--limit", args.limit), ("--zs-batch-size", args.zs_batch_size), ("--ppl", args.ppl),
                             ("--no-pack", args.no_pack)):
             if value:
-                raise CrepeError(f"{flag} applies to zero-shot evaluation; add --zero-shot TASKS "
-                                 "(e.g. --zero-shot all)")
+                raise CrepeError(f"{flag} applies to zero-shot evaluation; add --zero-shot TASKS (e.g. --zero-shot all)")
     else:
         names = list(ZERO_SHOT_TASKS) if args.zero_shot.strip() == "all" else \
             [t.strip() for t in args.zero_shot.split(",") if t.strip()]
-        fixed.append(f"eval.zero_shot.tasks={json.dumps(names)}")
+        flags[f"eval.zero_shot.tasks={json.dumps(names)}"] = f"--zero-shot {args.zero_shot}"
         if args.limit is not None:
-            fixed.append(f"eval.zero_shot.limit={args.limit}")
+            flags[f"eval.zero_shot.limit={args.limit}"] = f"--limit {args.limit}"
         zs_batch = args.zs_batch_size if args.zs_batch_size is not None else args.batch_size
         if zs_batch is not None:  # --batch-size stands for both when --zs-batch-size is not given
-            fixed.append(f"eval.zero_shot.batch_size={zs_batch}")
-    cfg = config_for(args, fixed=fixed)
+            flags[f"eval.zero_shot.batch_size={zs_batch}"] = f"--zs-batch-size {zs_batch}"
+    cfg = config_for(args, fixed=["pho.enabled=false", *flags], more_flags=flags)
     zero_shot = args.zero_shot is not None
     result = evaluate_folder(cfg, cfg.model.spec, ppl=not zero_shot or args.ppl, zero_shot=zero_shot,
                              progress=progress_bars(not args.no_progress), pack=not args.no_pack)
@@ -249,10 +250,28 @@ def registries() -> dict[str, list[dict[str, Any]]]:
     return {"methods (--method, prune.method)": methods, **{k: r.rows() for k, r in REGISTRIES.items()}}
 
 
+def registries_markdown() -> str:
+    """One markdown table per registry (the "Registries" section of docs/methods.md)."""
+    out = []
+    for title, rows in registries().items():
+        out += [f"**{title}**", "", "| name | applies to | defaults | what |", "|---|---|---|---|"]
+        for row in rows:
+            scope = (f"group {row['group']}, {'calibrated' if row['calibration'] else 'no calibration'}"
+                     if "group" in row else {"any": "any pattern", "nm": "N:M only",
+                                             "unstructured": "unstructured only"}[row["patterns"]])
+            defaults = ", ".join(f"`{k}={v}`" for k, v in row["defaults"].items()) or "-"
+            out.append(f"| `{row['name']}` | {scope} | {defaults} | {row['doc'].replace('|', chr(92) + '|')} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     tables = registries()
     if args.json:
         print(json.dumps(tables, indent=2, default=str))
+        return 0
+    if args.markdown:
+        sys.stdout.write(registries_markdown())
         return 0
     for title, rows in tables.items():
         print(f"{title}:")

@@ -18,10 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from crepe.errors import CrepeError
 from crepe.io import atomic_dir, sha256_file, sha256_folder, write_json_atomic
 from tasks.pho import PHO_FILE, SEARCH_FILE
-from tasks.prune import MANIFEST as PRUNE_MANIFEST
-
-EXPORT_STEPS = ("search", "prune", "evaluate")  # the steps whose result `crepe pipeline --export` writes
-_EXPORT_MARKER = {"search": PHO_FILE, "prune": PRUNE_MANIFEST}  # what an earlier export of the step holds
+from tasks.steps import EXPORT_STEPS, STEPS
 
 
 def check_export(step: str, path: str | Path) -> Path:
@@ -43,7 +40,7 @@ def check_export(step: str, path: str | Path) -> Path:
         return target
     if target.exists() and not target.is_dir():
         raise CrepeError(f"--export {path} is a file; --until {step} writes a folder")
-    marker = _EXPORT_MARKER[step]
+    marker = STEPS[step].obj.marker
     if target.is_dir() and any(target.iterdir()) and not (target / marker).is_file():
         raise CrepeError(f"--export {path} is a non-empty folder without {marker}, so not an earlier --until {step} "
                          "export; remove it or choose another path")

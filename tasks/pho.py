@@ -21,12 +21,13 @@ from prefect import task
 
 from crepe.errors import CrepeError
 from crepe.io import sha256_file, write_json_atomic
+from crepe.search.checkpoint import STATE_VERSION
 from crepe.search.context import CMA_SIGMA, SearchContext, cma_start_mean
-from crepe.search.driver import STATE_VERSION, screen, select_candidates
-from crepe.search.driver import _winner as winner_of  # TODO integration: public name
+from crepe.search.driver import screen, select_candidates, winner_of
 from crepe.search.space import RIA_POINT
 from crepe.streaming import streamer_of
 from tasks import gpus
+from tasks.checkpoint import JsonCheckpoint
 from tasks.common import computed, finished, limit_threads, load, persisted, task_log
 from tasks.inputs import compute_identity, load_tokens, weight_selection
 from tasks.keys import content_key, digest, work_dir
@@ -75,8 +76,8 @@ def pho_screen(cfg: Any, model: dict[str, Any], model_hash: str, calib: dict[str
     out.mkdir(parents=True, exist_ok=True)
     config = {"model_hash": model_hash, "calibration_sha256": calib["sha256"], "sparsity": ctx.spec.label,
               "rule": cfg.prune.rule, "target": cfg.pho.target, "target_block": cfg.pho.target_block}
-    trials = screen(objective, space, cfg.pho.sampler, cfg.pho.n_trials, cfg.pho.seed, out / "state.json",
-                    config, None, options)
+    trials = screen(objective, space, cfg.pho.sampler, cfg.pho.n_trials, cfg.pho.seed,
+                    JsonCheckpoint(out / "state.json"), config, None, options)
     candidates = select_candidates(trials, cfg.pho.top_k)
     path = out / "trials.json"
     write_json_atomic(path, {"config": {**config, "sampler": cfg.pho.sampler, "n_trials": cfg.pho.n_trials,

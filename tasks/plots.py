@@ -1,4 +1,5 @@
-"""The search jobs' figures (matplotlib, Agg backend, written atomically): screening, proxy vs perplexity."""
+"""The figures of the search jobs and reports (matplotlib, Agg backend, written atomically): screening,
+proxy vs perplexity, and the per-block sparsities of a layer allocation (:func:`plot_ratios`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import matplotlib
 matplotlib.use("Agg", force=True)
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
+from crepe.errors import CrepeError  # noqa: E402
 from crepe.io import save_figure_atomic  # noqa: E402
 
 
@@ -61,3 +64,28 @@ def plot_proxy_vs_ppl(points: Sequence[tuple[float, float]], path: Path, title: 
     save_figure(fig, path)
     close(fig)
     return path
+
+
+def plot_ratios(
+    ratios: Sequence[float], path: str | Path, target: float | None = None, title: str | None = None
+) -> Path:
+    """Bar chart of a layer allocation's per-block sparsities (:mod:`crepe.allocation`), written
+    atomically to ``path`` (PNG); a dashed line marks ``target``. Returns ``path``."""
+    values = [float(r) for r in ratios]
+    if not values:
+        raise CrepeError("no layer ratios to plot")
+    target_path = Path(path)
+    target_path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(max(4.0, 0.25 * len(values) + 2), 3.2))  # object API: no pyplot state to close
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(range(len(values)), values, color="#4C72B0")
+    if target is not None:
+        ax.axhline(float(target), color="#C44E52", linestyle="--", linewidth=1, label=f"target {target:g}")
+        ax.legend(loc="upper left", fontsize=8)
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("sparsity")
+    ax.set_ylim(0, min(1.0, max(values) * 1.15 + 0.02))
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure_atomic(fig, target_path, dpi=100)

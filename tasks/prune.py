@@ -92,13 +92,13 @@ def prune_to_folder(cfg: Any, model: Mapping[str, Any], out: str | Path, params:
             streamer.begin_output(tmp)
         report, record = prune_loaded(lm, config, cfg.budget(), cfg.model.blocks, progress, calibration)
         manifest = manifest_of(cfg, model, lm, report, record)
-        if eval_split:
-            manifest["evaluation"] = perplexity_of(lm, cfg, eval_split, progress)
         if streamer is not None:
-            streamer.finish_output(lm.tokenizer)
+            streamer.finish_output(lm.tokenizer)  # later reads (the evaluation) come from the written folder
         else:
             lm.model.save_pretrained(tmp, safe_serialization=True)
             lm.tokenizer.save_pretrained(tmp)
+        if eval_split:
+            manifest["evaluation"] = perplexity_of(lm, cfg, eval_split, progress)
         manifest["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
                              if p.is_file()}
         write_json_atomic(tmp / MANIFEST, manifest)

@@ -2,7 +2,7 @@
 :class:`~crepe.search.context.SearchContext`; each writes into its output folder:
 
 - ``state.json``: the resumable state, rewritten atomically after every trial, verified candidate or
-  evaluation (:mod:`crepe.search.driver`); rerunning the same command continues from it and gives the
+  evaluation (:class:`tasks.checkpoint.JsonCheckpoint`); rerunning the same command continues from it and gives the
   result of an uninterrupted run (a state of another configuration is refused, naming the keys);
 - ``pho.json`` / ``hill_climb.json`` / ``proxy_study.json``: the finished result (every trial with its
   parameters, proxies and time; every verified candidate; the winner; totals);
@@ -23,12 +23,14 @@ from scipy.stats import spearmanr
 from crepe.errors import CrepeError
 from crepe.io import read_json, write_json_atomic
 from crepe.methods import resolve_method_params
+from crepe.search.checkpoint import STATE_VERSION, jsonable
 from crepe.search.context import CMA_SIGMA, STATE_FILE, SearchContext, check_search_args, cma_start_mean
-from crepe.search.driver import STATE_VERSION, _jsonable, load_resume_state, run_pho
+from crepe.search.driver import run_pho
 from crepe.search.hillclimb import hill_climb
 from crepe.search.objective import DEFAULT_TARGET
 from crepe.search.proxies import PROXY_NAMES
 from crepe.search.space import RIA_POINT, SearchSpace
+from tasks.checkpoint import JsonCheckpoint
 from tasks.common import provenance
 from tasks.plots import close, figure, plot_proxy_vs_ppl, plot_screening, save_figure
 
@@ -66,7 +68,7 @@ def run_search(
     prog = ctx.progress
     summary = run_pho(
         objective, lambda p: ctx.evaluate(p, "validation"), space, sampler, n_trials, top_k, seed,
-        out / STATE_FILE, config, prog, RIA_POINT, options,
+        JsonCheckpoint(out / STATE_FILE), config, prog, RIA_POINT, options,
     )
     winner = summary["winner"]
     log(f"winner: {_fmt_params(winner['params'])} validation ppl {winner['ppl']:.4f}")
@@ -151,7 +153,7 @@ def run_hill_climb(
     prog = ctx.progress
     result = hill_climb(
         lambda p: ctx.evaluate(p, "validation"), space, start, max_evals=max_evals, max_seconds=max_seconds,
-        state_path=out / STATE_FILE, config=config,
+        checkpoint=JsonCheckpoint(out / STATE_FILE), config=config,
         progress=(lambda n, _best: prog("hill-climb", n, max_evals)) if prog and max_evals else None,
     )
     best = result["best"]
@@ -239,9 +241,10 @@ def run_proxy_study(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     objective = ctx.proxy_objective(target, target_block, space.kernel_size)
-    config = _jsonable({**ctx.identity(), "kind": "proxy_study", "n_configs": n_configs, "seed": seed,
+    config = jsonable({**ctx.identity(), "kind": "proxy_study", "n_configs": n_configs, "seed": seed,
                         "space": space.as_dict(), "target": target, "target_block": target_block})
-    state = load_resume_state(out / STATE_FILE, config) or {"version": STATE_VERSION, "config": config, "rows": []}
+    checkpoint = JsonCheckpoint(out / STATE_FILE)
+    state = checkpoint.load(config) or {"version": STATE_VERSION, "config": config, "rows": []}
     rows: list[dict[str, Any]] = list(state.get("rows", []))
     for i in range(len(rows), n_configs):
         params = points[i]
@@ -251,12 +254,12 @@ def run_proxy_study(
         t0 = time.perf_counter()
         ppl = ctx.evaluate(params, "validation")
         rows.append({
-            "index": i, "params": _jsonable(params), "proxies": proxies,
+            "index": i, "params": jsonable(params), "proxies": proxies,
             "ppl": ppl if math.isfinite(ppl) else None, "proxy_seconds": t_proxy,
             "ppl_seconds": time.perf_counter() - t0,
         })
         state["rows"] = rows
-        write_json_atomic(out / STATE_FILE, state)
+        checkpoint.save(state)
         if ctx.progress:
             ctx.progress("proxy-study", len(rows), n_configs)
     ppls = [r["ppl"] for r in rows]

@@ -1,7 +1,7 @@
 """Checks crepe.allocation: hand-computed OWL / DLP / AlphaPruning mappings, their exact means, band
 widths and monotonic relations (hypothesis), the ESD alpha against a loop reference and a known
 power law, the dense calibration statistics against a whole-model hooked forward, block_ratios on
-all five tiny architectures, plot_ratios and input validation."""
+all five tiny architectures and input validation; and tasks.plots.plot_ratios, the allocation's figure."""
 
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ from crepe.allocation import (
     dlp_ratios,
     needs_calibration,
     owl_ratios_from_outliers,
-    plot_ratios,
     wanda_block_stats,
     weighted_mean,
 )
 from crepe.blocks import find_blocks
 from crepe.errors import CrepeError
 from crepe.esd import block_esd_metrics, block_param_counts, esd_alpha, esd_alpha_from_eigenvalues
+from tasks.plots import plot_ratios
 
 FAST = settings(deadline=None, max_examples=60)
 

@@ -106,7 +106,7 @@ def test_cli_choices_and_crepe_methods_read_the_registries(capsys):
     from crepe.search.samplers import SAMPLERS
     from crepe.zeroshot import TASKS
     from flows.cli import build_parser, main
-    from tasks.pipeline import STEPS
+    from tasks.steps import STEPS
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices  # noqa: SLF001 - argparse's own table
@@ -121,3 +121,11 @@ def test_cli_choices_and_crepe_methods_read_the_registries(capsys):
     assert names == {"methods": list(all_methods()), "refinements": list(REFINES), "allocations": list(ALLOCATORS),
                      "samplers": list(SAMPLERS), "proxies": list(PROXY_NAMES), "zero-shot tasks": list(TASKS),
                      "pipeline steps": list(STEPS)}
+
+
+def test_docs_registry_tables_are_generated_from_the_registries():
+    from flows.cli_prune import registries_markdown
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "methods.md").read_text()
+    section = doc.split("<!-- registries:start -->\n", 1)[1].split("<!-- registries:end -->", 1)[0]
+    assert section == registries_markdown(), "regenerate it: crepe methods --markdown"

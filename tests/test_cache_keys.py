@@ -29,7 +29,6 @@ import pytest
 from pydantic import BaseModel
 
 import tasks.pipeline as T
-from flows.pipeline import _lineage, _metrics
 from tasks.config import PipelineConfig, load_config
 
 # --- what each setting changes --------------------------------------------------------------------------
@@ -229,9 +228,9 @@ def pipeline_keys(cfg: PipelineConfig) -> dict[str, str]:
     refined = T.refine.fn(cfg, pruned)  # the real refine step (no I/O)
     k = key(T.evaluate, model=refined, eval_sha256=inputs["evaluation"][cfg.eval.ppl.split]["sha256"])
     evaluation = {"ppl": {"ppl": int(k[:6], 16), "split": cfg.eval.ppl.split, "seqlen": 1, "n_windows": 1}}
-    k = key(T.release, model=refined, lineage=_lineage(cfg, inputs, calib, refined, search, evaluation))
+    k = key(T.release, model=refined, lineage=T.lineage(cfg, inputs, calib, refined, search, evaluation))
     released = {"path": "/r", "manifest_sha256": k, "files": {"f": k}, "metrics": {"smoke_ppl": None, "sparsity": 0.5}}
-    key(T.track, run_key=cfg.config_hash(), inputs=inputs, search=search, metrics=_metrics(evaluation, released),
+    key(T.track, run_key=cfg.config_hash(), inputs=inputs, search=search, metrics=T.run_metrics(evaluation, released),
         released=released)
     return keys
 

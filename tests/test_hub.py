@@ -188,9 +188,9 @@ def test_prune_manifests_record_repo_commit_and_files(hub_cache: Path, tmp_path:
         assert code == 0, err
         models[spec] = manifest["model"]
     a, a2, b = models["org-a/tiny"], models["org-a/tiny@v2"], models["org-b/tiny"]
-    assert (a["extra"]["repo_id"], a["extra"]["commit"], a2["extra"]["commit"]) == ("org-a/tiny", C1, C2)
-    assert a2["extra"]["revision"] == "v2" and a["extra"]["files"]["model.safetensors"] != \
-        a2["extra"]["files"]["model.safetensors"]
+    assert (a["hub"]["repo_id"], a["hub"]["commit"], a2["hub"]["commit"]) == ("org-a/tiny", C1, C2)
+    assert a2["hub"]["revision"] == "v2" and a["hub"]["files"]["model.safetensors"] != \
+        a2["hub"]["files"]["model.safetensors"]
     assert len({a["content_hash"], a2["content_hash"], b["content_hash"]}) == 3
     assert a["content_hash"] == resolve_source("org-a/tiny")[2]
 
@@ -215,8 +215,8 @@ def test_real_process_reads_hf_home(hf_home: Path, tmp_path: Path) -> None:
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stderr
     model = json.loads((out / "crepe_manifest.json").read_text())["model"]
-    assert model["path"] == str(hf_home / "hub" / "models--org-b--tiny" / "snapshots" / C3)
-    assert model["extra"]["commit"] == C3
+    assert model["kind"] == "hub" and model["hub"]["commit"] == C3  # the snapshot under $HF_HOME was read
+    assert "path" not in model  # a manifest names content, never a machine path
     # crepe pipeline: the revision is resolved before any flow starts
     project = make_project(tmp_path / "proj", Path("org-b/tiny@v9"))
     bad = subprocess.run([sys.executable, "-m", "flows.cli", "pipeline", "--params", str(project / "params.yaml")],

@@ -492,7 +492,7 @@ def test_cli_eval_zero_shot_prints_table_and_writes_json(tiny_dir, tmp_path, cap
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--zero-shot", "boolq,piqa"], "unknown zero-shot task 'piqa'; supported: boolq, rte, mnli, hellaswag, arc_easy, arc_challenge"),
+    (["--zero-shot", "boolq,piqa"], "unknown zero-shot task 'piqa'; allowed: boolq, rte, mnli, hellaswag, arc_easy, arc_challenge"),
     (["--zero-shot", "rte", "--limit", "0"], "argument --limit: '0' must be a positive integer"),
     (["--limit", "5"], "--limit applies to zero-shot evaluation"),
     (["--zero-shot", "rte", "--data-dir", "/nonexistent/zs"], "data directory /nonexistent/zs does not exist"),

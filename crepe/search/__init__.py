@@ -4,11 +4,13 @@
 - :mod:`~crepe.search.space`: the (alpha, beta, log10 gamma[, K]) box and its unit-cube map;
 - :mod:`~crepe.search.samplers`: seeded, resumable ask/tell samplers (cmaes, tpe, random);
 - :mod:`~crepe.search.objective`: target input norms and the ``params -> proxies`` objective;
+- :mod:`~crepe.search.checkpoint`: where a resumable search keeps its state (protocol, in-memory one);
 - :mod:`~crepe.search.driver`: the two stages (proxy screening, perplexity verification), resumable;
 - :mod:`~crepe.search.hillclimb`: the perplexity hill-climbing baseline.
 """
 
-from crepe.search.driver import Trial, load_resume_state, run_pho, screen, select_candidates, verify
+from crepe.search.checkpoint import STATE_VERSION, Checkpoint, MemoryCheckpoint, jsonable
+from crepe.search.driver import Trial, run_pho, screen, select_candidates, verify, winner_of
 from crepe.search.hillclimb import hill_climb
 from crepe.search.objective import DEFAULT_TARGET, ProxyObjective, find_target, target_input_norm
 from crepe.search.proxies import PROXY_NAMES, compute_proxies, gini, outlier_ratio
@@ -28,6 +30,9 @@ __all__ = [
     "PROXY_NAMES",
     "RIA_POINT",
     "SAMPLERS",
+    "STATE_VERSION",
+    "Checkpoint",
+    "MemoryCheckpoint",
     "ProxyObjective",
     "Sampler",
     "SearchSpace",
@@ -38,7 +43,7 @@ __all__ = [
     "find_target",
     "gini",
     "hill_climb",
-    "load_resume_state",
+    "jsonable",
     "make_sampler",
     "outlier_ratio",
     "run_pho",
@@ -47,4 +52,5 @@ __all__ = [
     "select_candidates",
     "target_input_norm",
     "verify",
+    "winner_of",
 ]

@@ -6,32 +6,33 @@
   (alpha = beta = 1, gamma = 0) always, so PHO can never return something worse than RIA;
 - :func:`verify` (stage 2): ``evaluate(params) -> validation perplexity`` for every candidate (the
   caller prunes the full model); the lowest finite perplexity wins, ties by candidate order;
-- :func:`run_pho`: the three in a row with one state file, returning a JSON-serialisable summary.
+- :func:`run_pho`: the three in a row with one checkpoint, returning a JSON-serialisable summary;
+- :func:`winner_of`: the lowest finite perplexity of verified results.
 
-Resumption: after every trial / candidate the whole state is written atomically to ``state_path``
-(``{"version", "config", "sampler", "trials", "stage2"}``). A later call with the same ``config``
-continues where the last one stopped: the sampler is restored by replaying its told history
-(:func:`~crepe.search.samplers.sampler_from_state`), so an interrupted-and-resumed search returns
-exactly the trials of an uninterrupted one; finished stage-2 candidates are not evaluated again.
-A state file written for a different ``config`` is refused with a :class:`CrepeError`.
+Resumption: after every trial / candidate the whole state
+(``{"version", "config", "sampler", "trials", "stage2"}``) goes to a
+:class:`~crepe.search.checkpoint.Checkpoint` (default: a fresh
+:class:`~crepe.search.checkpoint.MemoryCheckpoint`; a JSON file is ``tasks.checkpoint.JsonCheckpoint``).
+A later call with the same ``config`` continues where the last one stopped: the sampler is restored
+by replaying its told history (:func:`~crepe.search.samplers.sampler_from_state`), so an
+interrupted-and-resumed search returns exactly the trials of an uninterrupted one; finished stage-2
+candidates are not evaluated again. A state saved for a different ``config`` is refused with a
+:class:`CrepeError` naming the differing keys.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from crepe.errors import CrepeError
-from crepe.io import write_json_atomic
+from crepe.search.checkpoint import STATE_VERSION, Checkpoint, MemoryCheckpoint, jsonable
 from crepe.search.samplers import make_sampler, sampler_from_state
 from crepe.search.space import RIA_POINT, SearchSpace
 
-STATE_VERSION = 1
 OBJECTIVE_PROXY = "gini_pruned"
 
 
@@ -54,54 +55,11 @@ class Trial:
                    float(data.get("cpu_seconds", 0.0)))
 
 
-# --- state files ----------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` as it reads back from a state file (tuples become lists, unknown types strings)."""
-    return json.loads(json.dumps(value, default=str))
+# --- state ------------------------------------------------------------------------------------------
 
 
 def _new_state(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {"version": STATE_VERSION, "config": _jsonable(dict(config)), "sampler": None, "trials": [], "stage2": {}}
-
-
-def load_resume_state(path: str | Path | None, config: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The state saved at ``path`` (None when there is none), after checking it was written for ``config``.
-
-    ``config`` is compared after a JSON round trip, so tuples and lists are equal; a difference
-    raises a :class:`CrepeError` that names every differing key.
-    """
-    if path is None or not Path(path).exists():
-        return None
-    try:
-        state = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        raise CrepeError(
-            f"resume file {str(path)!r} is not a readable JSON state file; delete it or use another --out"
-        ) from None
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or not isinstance(
-        state.get("config"), dict
-    ):
-        raise CrepeError(
-            f"resume file {str(path)!r} is not a version-{STATE_VERSION} search state; delete it or use another --out"
-        )
-    mine, saved = _jsonable(dict(config)), state["config"]
-    differing = sorted(k for k in set(mine) | set(saved) if mine.get(k, _MISSING) != saved.get(k, _MISSING))
-    if differing:
-        raise CrepeError(
-            f"resume file {str(path)!r} was written for a different configuration (differs in: "
-            f"{', '.join(differing)}); delete it or use another --out"
-        )
-    return state
-
-
-_MISSING = object()
-
-
-def _save(path: str | Path | None, state: Mapping[str, Any]) -> None:
-    if path is not None:
-        write_json_atomic(path, state)
+    return {"version": STATE_VERSION, "config": jsonable(dict(config)), "sampler": None, "trials": [], "stage2": {}}
 
 
 # --- stage 1 ----------------------------------------------------------------------------------------
@@ -127,7 +85,7 @@ def screen(
     sampler_name: str,
     n_trials: int,
     seed: int,
-    state_path: Path | None = None,
+    checkpoint: Checkpoint | None = None,
     config: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
     sampler_options: Mapping[str, Any] | None = None,
@@ -136,27 +94,27 @@ def screen(
 
     Each trial asks a unit-cube point, maps it with ``space.from_unit``, calls ``objective(params)``
     (a dict holding at least ``gini_pruned``) and tells ``gini_pruned`` back. After every trial the
-    whole state goes atomically to ``state_path``; an existing file for the same configuration
-    (see :func:`screen_config`) is resumed. ``sampler_options`` (``sigma``, ``mean`` for cmaes) go to
+    whole state goes to ``checkpoint`` (default: in memory); a state it holds for the same
+    configuration (see :func:`screen_config`) is resumed. ``sampler_options`` (``sigma``, ``mean`` for cmaes) go to
     :func:`~crepe.search.samplers.make_sampler`. ``progress(done, total)`` is called after each trial.
     Returns all ``n_trials`` trials in order.
     """
     full_config = screen_config(space, sampler_name, n_trials, seed, config)
-    state = load_resume_state(state_path, full_config)
+    checkpoint = MemoryCheckpoint() if checkpoint is None else checkpoint
+    state = checkpoint.load(full_config)
     if state is not None and state.get("sampler") is not None:
         sampler = sampler_from_state(state["sampler"])
         trials = [Trial.from_dict(t) for t in state.get("trials", [])]
         if len(trials) != sampler.n_told:
-            raise CrepeError(
-                f"resume file {str(state_path)!r} holds {len(trials)} trials but its sampler was told "
-                f"{sampler.n_told}; it is damaged, delete it or use another --out"
+            raise checkpoint.refuse(
+                f"holds {len(trials)} trials but its sampler was told {sampler.n_told} (it is damaged)"
             )
     else:
         sampler = make_sampler(sampler_name, space.dim, n_trials, seed, **dict(sampler_options or {}))
         trials = []
         state = {**_new_state(full_config), **({} if state is None else {"stage2": state.get("stage2", {})})}
         state["sampler"] = sampler.state_dict()
-        _save(state_path, state)
+        checkpoint.save(state)
     while not sampler.done:
         u = sampler.ask()
         params = space.from_unit(u)
@@ -171,7 +129,7 @@ def screen(
         trials.append(Trial(len(trials), params, proxies, seconds, cpu))
         state["sampler"] = sampler.state_dict()
         state["trials"] = [t.to_dict() for t in trials]
-        _save(state_path, state)
+        checkpoint.save(state)
         if progress is not None:
             progress(len(trials), n_trials)
     return trials
@@ -210,7 +168,9 @@ def select_candidates(
 # --- stage 2 ----------------------------------------------------------------------------------------------
 
 
-def _winner(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def winner_of(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The result with the lowest finite ``ppl`` (``None`` is non-finite), ties by ``index``; a
+    :class:`CrepeError` when none is finite."""
     finite = [r for r in results if r["ppl"] is not None]
     if not finite:
         raise CrepeError(
@@ -223,7 +183,7 @@ def _winner(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def verify(
     candidates: Sequence[Mapping[str, Any]],
     evaluate: Callable[[dict], float],
-    state_path: Path | None = None,
+    checkpoint: Checkpoint | None = None,
     config: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict, list[dict]]:
@@ -232,22 +192,20 @@ def verify(
     Returns ``(winner, results)``; each result is ``{"index", "params", "ppl", "seconds"}`` and the
     winner is the result with the lowest finite ``ppl`` (ties by candidate order). A non-finite
     perplexity is recorded as ``"ppl": None`` with ``"ppl_raw"`` (its text) and never wins; if all
-    are non-finite a :class:`CrepeError` is raised. After every candidate the state file's
-    ``"stage2"`` entry is rewritten (other entries kept); a resumed call with the same ``config`` and
-    candidates skips the finished ones. ``progress(done, total)`` is called after each candidate.
+    are non-finite a :class:`CrepeError` is raised. After every candidate the ``"stage2"`` entry of
+    the state in ``checkpoint`` is rewritten (other entries kept); a resumed call with the same
+    ``config`` and candidates skips the finished ones. ``progress(done, total)`` is called after each candidate.
     """
-    cands = _jsonable([dict(c) for c in candidates])
+    cands = jsonable([dict(c) for c in candidates])
     if not cands:
         raise CrepeError("the candidate list is empty; stage 2 needs at least one candidate")
-    state = load_resume_state(state_path, config or {}) or _new_state(config or {})
+    checkpoint = MemoryCheckpoint() if checkpoint is None else checkpoint
+    state = checkpoint.load(config or {}) or _new_state(config or {})
     stage2 = state.get("stage2") or {}
     results: list[dict] = []
     if stage2:
         if stage2.get("candidates") != cands:
-            raise CrepeError(
-                f"resume file {str(state_path)!r} was written for a different configuration (differs in: "
-                "candidates); delete it or use another --out"
-            )
+            raise checkpoint.refuse("was written for a different configuration (differs in: candidates)")
         results = [dict(r) for r in stage2.get("results", [])]
     for i in range(len(results), len(cands)):
         start, cpu = time.perf_counter(), time.process_time()
@@ -258,10 +216,10 @@ def verify(
             result["ppl"], result["ppl_raw"] = None, repr(ppl)
         results.append(result)
         state["stage2"] = {"candidates": cands, "results": results}
-        _save(state_path, state)
+        checkpoint.save(state)
         if progress is not None:
             progress(len(results), len(cands))
-    return _winner(results), results
+    return winner_of(results), results
 
 
 # --- both stages --------------------------------------------------------------------------------------------
@@ -275,13 +233,13 @@ def run_pho(
     n_trials: int = 60,
     top_k: int = 10,
     seed: int = 0,
-    state_path: Path | None = None,
+    checkpoint: Checkpoint | None = None,
     config: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     ria_point: Mapping[str, float] = RIA_POINT,
     sampler_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Screen, select and verify with one state file; a JSON-serialisable summary.
+    """Screen, select and verify with one ``checkpoint`` (default: in memory); a JSON-serialisable summary.
 
     The summary holds ``config``, every ``trials`` entry (params, all proxies, seconds), the
     ``candidates``, every ``verified`` result (params, ppl, seconds), the ``winner`` and ``totals``
@@ -302,16 +260,17 @@ def run_pho(
     def stage(name: str) -> Callable[[int, int], None] | None:
         return None if progress is None else (lambda done, total: progress(name, done, total))
 
+    checkpoint = MemoryCheckpoint() if checkpoint is None else checkpoint
     trials = screen(
-        objective, space, sampler_name, n_trials, seed, state_path, full_config, stage("screen"), sampler_options
+        objective, space, sampler_name, n_trials, seed, checkpoint, full_config, stage("screen"), sampler_options
     )
     candidates = select_candidates(trials, top_k, ria_point)
-    winner, results = verify(candidates, evaluate, state_path, _jsonable(full_config), stage("verify"))
+    winner, results = verify(candidates, evaluate, checkpoint, jsonable(full_config), stage("verify"))
     return {
         "version": STATE_VERSION,
-        "config": _jsonable(full_config),
+        "config": jsonable(full_config),
         "trials": [t.to_dict() for t in trials],
-        "candidates": _jsonable(candidates),
+        "candidates": jsonable(candidates),
         "verified": results,
         "winner": winner,
         "totals": {

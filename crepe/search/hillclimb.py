@@ -15,7 +15,8 @@ switches the neighbourhood term on at ``gamma = 10**lo``; every "off" value is t
 
 Evaluations are cached by point (coordinates rounded to 12 decimals, every "off" value one point):
 a point is never paid for twice. A non-finite perplexity is recorded (``ppl`` None) and counts as
-+inf. The state (every evaluation so far) is written atomically after each evaluation; a resumed
++inf. The state (every evaluation so far) goes to a :class:`~crepe.search.checkpoint.Checkpoint`
+after each evaluation (default: in memory; a JSON file is ``tasks.checkpoint.JsonCheckpoint``); a resumed
 call replays the deterministic search with those results as a cache, so it reaches exactly the
 point where the interrupted run stopped and continues from there. ``max_evals`` and
 ``max_seconds`` are not part of the resume check, so a finished run can be extended.
@@ -29,8 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from crepe.errors import CrepeError
-from crepe.io import write_json_atomic
-from crepe.search.driver import STATE_VERSION, _jsonable, load_resume_state
+from crepe.search.checkpoint import STATE_VERSION, Checkpoint, MemoryCheckpoint, jsonable
 from crepe.search.space import RIA_POINT, SearchSpace
 
 COORDS: tuple[str, ...] = ("alpha", "beta", "log10_gamma")
@@ -74,7 +74,7 @@ def hill_climb(
     min_step: float = DEFAULT_MIN_STEP,
     max_evals: int | None = None,
     max_seconds: float | None = None,
-    state_path: Any = None,
+    checkpoint: Checkpoint | None = None,
     config: dict | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
@@ -85,7 +85,7 @@ def hill_climb(
     log10_gamma in decades). ``evaluate`` receives {alpha, beta, gamma, kernel_size} with the
     space's fixed kernel size. ``progress(n_evals, best_ppl)`` is called after each paid evaluation.
 
-    Returns (and writes to ``state_path``) ``{"version", "config", "evaluations", "best",
+    Returns (and saves to ``checkpoint``, default in memory) ``{"version", "config", "evaluations", "best",
     "n_evals", "seconds", "stop_reason", "steps", "current"}``; ``evaluations`` lists every paid
     evaluation ``{"index", "params", "ppl", "seconds"}`` in order and ``best`` the lowest one.
     """
@@ -136,7 +136,8 @@ def hill_climb(
         "shrink": shrink,
         "min_step": min_step,
     }
-    saved = load_resume_state(state_path, full_config)
+    checkpoint = MemoryCheckpoint() if checkpoint is None else checkpoint
+    saved = checkpoint.load(full_config)
     evaluations: list[dict[str, Any]] = list(saved.get("evaluations", [])) if saved else []
     elapsed_before = float(saved.get("seconds", 0.0)) if saved else 0.0
 
@@ -159,7 +160,7 @@ def hill_climb(
         best_e = min(finite, key=lambda e: (e["ppl"], e["index"])) if finite else None
         return {
             "version": STATE_VERSION,
-            "config": _jsonable(full_config),
+            "config": jsonable(full_config),
             "evaluations": evaluations,
             "best": None if best_e is None else {"params": best_e["params"], "ppl": best_e["ppl"], "index": best_e["index"]},
             "n_evals": len(evaluations),
@@ -198,8 +199,7 @@ def hill_climb(
             record["ppl_raw"] = repr(ppl)
         evaluations.append(record)
         cache[k] = ppl if finite else math.inf
-        if state_path is not None:
-            write_json_atomic(state_path, summary(None, p))
+        checkpoint.save(summary(None, p))
         if progress is not None:
             progress(len(evaluations), min(cache.values()))
         return cache[k]
@@ -227,6 +227,5 @@ def hill_climb(
     except _Stop as stop:
         reason = stop.reason
     result = summary(reason, current)
-    if state_path is not None:
-        write_json_atomic(state_path, result)
+    checkpoint.save(result)
     return result
