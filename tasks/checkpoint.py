@@ -18,6 +18,8 @@ from crepe.errors import CrepeError
 from crepe.io import write_json_atomic
 from crepe.search.checkpoint import check_state
 
+STATE_FILE = "state.json"  # the resumable state of a search folder
+
 
 class JsonCheckpoint:
     """A search state kept in the JSON file ``path`` (written atomically after every evaluation)."""

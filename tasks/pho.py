@@ -27,7 +27,7 @@ from crepe.search.driver import screen, select_candidates, winner_of
 from crepe.search.space import RIA_POINT
 from crepe.streaming import streamer_of
 from tasks import gpus
-from tasks.checkpoint import JsonCheckpoint
+from tasks.checkpoint import STATE_FILE, JsonCheckpoint
 from tasks.common import computed, finished, limit_threads, load, persisted, task_log
 from tasks.inputs import compute_identity, load_tokens, weight_selection
 from tasks.keys import content_key, digest, work_dir
@@ -77,7 +77,7 @@ def pho_screen(cfg: Any, model: dict[str, Any], model_hash: str, calib: dict[str
     config = {"model_hash": model_hash, "calibration_sha256": calib["sha256"], "sparsity": ctx.spec.label,
               "rule": cfg.prune.rule, "target": cfg.pho.target, "target_block": cfg.pho.target_block}
     trials = screen(objective, space, cfg.pho.sampler, cfg.pho.n_trials, cfg.pho.seed,
-                    JsonCheckpoint(out / "state.json"), config, None, options)
+                    JsonCheckpoint(out / STATE_FILE), config, None, options)
     candidates = select_candidates(trials, cfg.pho.top_k)
     path = out / "trials.json"
     write_json_atomic(path, {"config": {**config, "sampler": cfg.pho.sampler, "n_trials": cfg.pho.n_trials,

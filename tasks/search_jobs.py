@@ -24,13 +24,13 @@ from crepe.errors import CrepeError
 from crepe.io import read_json, write_json_atomic
 from crepe.methods import resolve_method_params
 from crepe.search.checkpoint import STATE_VERSION, jsonable
-from crepe.search.context import CMA_SIGMA, STATE_FILE, SearchContext, check_search_args, cma_start_mean
+from crepe.search.context import CMA_SIGMA, SearchContext, check_search_args, cma_start_mean
 from crepe.search.driver import run_pho
 from crepe.search.hillclimb import hill_climb
 from crepe.search.objective import DEFAULT_TARGET
 from crepe.search.proxies import PROXY_NAMES
 from crepe.search.space import RIA_POINT, SearchSpace
-from tasks.checkpoint import JsonCheckpoint
+from tasks.checkpoint import STATE_FILE, JsonCheckpoint
 from tasks.common import provenance
 from tasks.plots import close, figure, plot_proxy_vs_ppl, plot_screening, save_figure
 

@@ -1,5 +1,6 @@
 """Checks crepe.search.driver: stage-1 screening budgets and determinism per sampler, resume after a
-killed subprocess, config checks on resume, candidate selection (RIA point always), stage-2
+killed subprocess (tasks.checkpoint.JsonCheckpoint), config checks on resume (JSON file and
+crepe.search.checkpoint.MemoryCheckpoint), candidate selection (RIA point always), stage-2
 verification (lowest PPL, resume without re-evaluation, non-finite PPL) and the run_pho summary."""
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from crepe.errors import CrepeError
+from crepe.search.checkpoint import MemoryCheckpoint
 from crepe.search.driver import Trial, run_pho, screen, select_candidates, verify
 from crepe.search.proxies import PROXY_NAMES
 from crepe.search.samplers import SAMPLERS
 from crepe.search.space import RIA_POINT, SearchSpace
+from tasks.checkpoint import JsonCheckpoint
 
 SPACE = SearchSpace()
 N = 12  # cmaes population 6: two whole generations
@@ -51,7 +54,7 @@ def test_screen_budget_and_determinism(sampler, tmp_path):
     assert ticks[-1] == (N, N) and len(ticks) == N
     assert all(set(t.proxies) == set(PROXY_NAMES) for t in trials)
     assert all(set(t.params) == {"alpha", "beta", "gamma", "kernel_size"} for t in trials)
-    again = screen(fake_objective, SPACE, sampler, N, seed=3, state_path=tmp_path / "s.json")
+    again = screen(fake_objective, SPACE, sampler, N, seed=3, checkpoint=JsonCheckpoint(tmp_path / "s.json"))
     assert strip(again) == strip(trials)
     other = screen(fake_objective, SPACE, sampler, N, seed=4)
     assert strip(other) != strip(trials)
@@ -64,13 +67,15 @@ KILLER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {root!r}]
     from crash import sigkill_on_call
     from test_search_driver import fake_objective
     from crepe.search.driver import screen
     from crepe.search.space import SearchSpace
+    from tasks.checkpoint import JsonCheckpoint
 
-    screen(sigkill_on_call(fake_objective, {kill_at}), SearchSpace(), {sampler!r}, {n}, 5, Path({state!r}), {{"model": "x"}})
+    screen(sigkill_on_call(fake_objective, {kill_at}), SearchSpace(), {sampler!r}, {n}, 5,
+           JsonCheckpoint(Path({state!r})), {{"model": "x"}})
     """
 )
 
@@ -80,7 +85,7 @@ def test_screen_resume_after_kill(sampler, tmp_path):
     state = tmp_path / "state.json"
     kill_at = 9  # mid second cmaes generation
     script = KILLER.format(
-        tests=str(Path(__file__).parent), kill_at=kill_at, sampler=sampler, n=N, state=str(state)
+        tests=str(Path(__file__).parent), root=str(Path(__file__).parent.parent), kill_at=kill_at, sampler=sampler, n=N, state=str(state)
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
@@ -93,27 +98,43 @@ def test_screen_resume_after_kill(sampler, tmp_path):
         calls.append(params)
         return fake_objective(params)
 
-    resumed = screen(objective, SPACE, sampler, N, 5, state, {"model": "x"})
+    resumed = screen(objective, SPACE, sampler, N, 5, JsonCheckpoint(state), {"model": "x"})
     assert len(calls) == N - (kill_at - 1)
     straight = screen(fake_objective, SPACE, sampler, N, 5, None, {"model": "x"})
     assert strip(resumed) == strip(straight)
     # a finished state file is returned as is, without evaluating anything
-    assert strip(screen(lambda p: pytest.fail("evaluated"), SPACE, sampler, N, 5, state, {"model": "x"})) == strip(
-        straight
-    )
+    finished = screen(lambda p: pytest.fail("evaluated"), SPACE, sampler, N, 5, JsonCheckpoint(state), {"model": "x"})
+    assert strip(finished) == strip(straight)
 
 
 def test_screen_resume_with_other_config_names_keys(tmp_path):
     state = tmp_path / "state.json"
-    screen(fake_objective, SPACE, "random", 4, 0, state, {"model": "a", "pattern": "2:4"})
-    with pytest.raises(CrepeError, match=r"differs in: n_trials, seed\)") as err:
-        screen(fake_objective, SPACE, "random", 6, 1, state, {"model": "a", "pattern": "2:4"})
-    assert str(state) in str(err.value)
+    ckpt = JsonCheckpoint(state)
+    screen(fake_objective, SPACE, "random", 4, 0, ckpt, {"model": "a", "pattern": "2:4"})
+    with pytest.raises(CrepeError, match=r"differs in: n_trials, seed\); delete it or use another --out$") as err:
+        screen(fake_objective, SPACE, "random", 6, 1, ckpt, {"model": "a", "pattern": "2:4"})
+    assert str(err.value).startswith(f"resume file {str(state)!r} was written for a different configuration")
     with pytest.raises(CrepeError, match=r"differs in: model, space\)"):
-        screen(fake_objective, SearchSpace(alpha=(0, 1)), "random", 4, 0, state, {"model": "b", "pattern": "2:4"})
+        screen(fake_objective, SearchSpace(alpha=(0, 1)), "random", 4, 0, ckpt, {"model": "b", "pattern": "2:4"})
+    state.write_text('{"version": 0, "config": {}}')
+    with pytest.raises(CrepeError, match="is not a version-1 search state"):
+        screen(fake_objective, SPACE, "random", 4, 0, ckpt, {})
     state.write_text("not json")
     with pytest.raises(CrepeError, match="not a readable JSON"):
-        screen(fake_objective, SPACE, "random", 4, 0, state, {})
+        screen(fake_objective, SPACE, "random", 4, 0, ckpt, {})
+
+
+def test_screen_in_memory_resumes_and_refuses_other_configs():
+    ckpt = MemoryCheckpoint()
+    assert ckpt.state is None
+    calls = []
+    first = screen(lambda p: calls.append(p) or fake_objective(p), SPACE, "tpe", N, 2, ckpt, {"model": "a"})
+    assert len(calls) == N and len(ckpt.state["trials"]) == N
+    again = screen(lambda p: pytest.fail("evaluated"), SPACE, "tpe", N, 2, ckpt, {"model": "a"})
+    assert strip(again) == strip(first)
+    with pytest.raises(CrepeError, match=r"^the in-memory search state was written for a different configuration "
+                                         r"\(differs in: model, seed\)"):
+        screen(fake_objective, SPACE, "tpe", N, 3, ckpt, {"model": "b"})
 
 
 def test_screen_requires_gini_pruned():
@@ -189,24 +210,44 @@ def test_verify_resume_skips_finished(tmp_path):
         return ppl_of(params)
 
     with pytest.raises(KeyboardInterrupt):
-        verify(CANDS, failing, state, {"run": 1})
+        verify(CANDS, failing, JsonCheckpoint(state), {"run": 1})
     assert len(json.loads(state.read_text())["stage2"]["results"]) == 2
     calls2 = []
-    winner, results = verify(CANDS, lambda p: calls2.append(p) or ppl_of(p), state, {"run": 1})
+    winner, results = verify(CANDS, lambda p: calls2.append(p) or ppl_of(p), JsonCheckpoint(state), {"run": 1})
     assert calls2 == CANDS[2:]
     assert winner["params"] == CANDS[2] and len(results) == 5
     assert [r["ppl"] for r in results] == [ppl_of(c) for c in CANDS]
     with pytest.raises(CrepeError, match=r"differs in: run\)"):
-        verify(CANDS, ppl_of, state, {"run": 2})
+        verify(CANDS, ppl_of, JsonCheckpoint(state), {"run": 2})
     with pytest.raises(CrepeError, match=r"differs in: candidates\)"):
-        verify(CANDS[:3], ppl_of, state, {"run": 1})
+        verify(CANDS[:3], ppl_of, JsonCheckpoint(state), {"run": 1})
+
+
+def test_verify_resume_in_memory():
+    ckpt, calls = MemoryCheckpoint(), []
+
+    def failing(params):
+        calls.append(params)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return ppl_of(params)
+
+    with pytest.raises(KeyboardInterrupt):
+        verify(CANDS, failing, ckpt, {"run": 1})
+    assert [r["params"] for r in ckpt.state["stage2"]["results"]] == CANDS[:3]
+    rest = []
+    winner, results = verify(CANDS, lambda p: rest.append(p) or ppl_of(p), ckpt, {"run": 1})
+    assert rest == CANDS[3:] and winner["params"] == CANDS[2]
+    assert [(r["index"], r["params"], r["ppl"]) for r in results] == [(i, c, ppl_of(c)) for i, c in enumerate(CANDS)]
+    with pytest.raises(CrepeError, match=r"^the in-memory search state .*differs in: candidates\)"):
+        verify(CANDS[1:], ppl_of, ckpt, {"run": 1})
 
 
 def test_verify_nan(tmp_path):
     def nan_first(params):
         return float("nan") if params["alpha"] == 0.8 else ppl_of(params)
 
-    winner, results = verify(CANDS, nan_first, tmp_path / "s.json")
+    winner, results = verify(CANDS, nan_first, JsonCheckpoint(tmp_path / "s.json"))
     assert results[2]["ppl"] is None and results[2]["ppl_raw"] == "nan"
     finite = [c for c in CANDS if c["alpha"] != 0.8]
     assert winner["params"] == min(finite, key=ppl_of) and winner["ppl"] is not None
@@ -230,7 +271,7 @@ def test_run_pho_summary(tmp_path):
         n_trials=8,
         top_k=3,
         seed=1,
-        state_path=state,
+        checkpoint=JsonCheckpoint(state),
         config={"model": "m"},
         progress=lambda *a: ticks.append(a),
     )
@@ -249,10 +290,10 @@ def test_run_pho_summary(tmp_path):
         n_trials=8,
         top_k=3,
         seed=1,
-        state_path=state,
+        checkpoint=JsonCheckpoint(state),
         config={"model": "m"},
     )
     assert again["winner"] == summary["winner"]
     with pytest.raises(CrepeError, match=r"differs in: top_k\)"):
-        run_pho(fake_objective, ppl_of, sampler_name="random", n_trials=8, top_k=2, seed=1, state_path=state,
+        run_pho(fake_objective, ppl_of, sampler_name="random", n_trials=8, top_k=2, seed=1, checkpoint=JsonCheckpoint(state),
                 config={"model": "m"})

@@ -1,6 +1,7 @@
 """Checks crepe.search.hillclimb: it finds a separable bowl's minimum within bounds, spends max_evals
-exactly, never pays twice for a point, resumes after a killed subprocess to the same result, refuses
-a changed configuration and rejects bad budgets and settings."""
+exactly, never pays twice for a point, resumes after a killed subprocess to the same result (state in
+tasks.checkpoint.JsonCheckpoint) and from a MemoryCheckpoint, refuses a changed configuration and
+rejects bad budgets and settings."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from crepe.errors import CrepeError
+from crepe.search.checkpoint import MemoryCheckpoint
 from crepe.search.hillclimb import hill_climb
 from crepe.search.space import SearchSpace
+from tasks.checkpoint import JsonCheckpoint
 
 
 def bowl(params: dict) -> float:
@@ -85,12 +88,14 @@ KILLER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {root!r}]
     from crash import sigkill_on_call
     from test_search_hillclimb import bowl
     from crepe.search.hillclimb import hill_climb
+    from tasks.checkpoint import JsonCheckpoint
 
-    hill_climb(sigkill_on_call(bowl, {kill_at}), max_evals=30, state_path=Path({state!r}), config={{"model": "x"}})
+    hill_climb(sigkill_on_call(bowl, {kill_at}), max_evals=30, checkpoint=JsonCheckpoint(Path({state!r})),
+               config={{"model": "x"}})
     """
 )
 
@@ -98,13 +103,15 @@ KILLER = textwrap.dedent(
 def test_resume_after_kill(tmp_path):
     state = tmp_path / "hc.json"
     kill_at = 13
-    script = KILLER.format(tests=str(Path(__file__).parent), kill_at=kill_at, state=str(state))
+    script = KILLER.format(tests=str(Path(__file__).parent), root=str(Path(__file__).parent.parent), kill_at=kill_at,
+                           state=str(state))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
     assert len(json.loads(state.read_text())["evaluations"]) == kill_at - 1
 
     calls = []
-    resumed = hill_climb(lambda p: calls.append(p) or bowl(p), max_evals=30, state_path=state, config={"model": "x"})
+    resumed = hill_climb(lambda p: calls.append(p) or bowl(p), max_evals=30, checkpoint=JsonCheckpoint(state),
+                         config={"model": "x"})
     straight = hill_climb(bowl, max_evals=30, config={"model": "x"})
     assert straight["stop_reason"] == "max_evals"
     assert len(calls) == straight["n_evals"] - (kill_at - 1)
@@ -115,14 +122,30 @@ def test_resume_after_kill(tmp_path):
 
     # a larger budget extends the finished run without paying again for known points
     more = []
-    extended = hill_climb(lambda p: more.append(key(p)) or bowl(p), max_evals=80, state_path=state, config={"model": "x"})
+    extended = hill_climb(lambda p: more.append(key(p)) or bowl(p), max_evals=80, checkpoint=JsonCheckpoint(state),
+                          config={"model": "x"})
     assert more and not set(more) & {key(e["params"]) for e in straight["evaluations"]}
     uninterrupted = hill_climb(bowl, max_evals=80)
     assert [(e["params"], e["ppl"]) for e in extended["evaluations"]] == [
         (e["params"], e["ppl"]) for e in uninterrupted["evaluations"]
     ]
     with pytest.raises(CrepeError, match=r"differs in: model, shrink\)"):
-        hill_climb(bowl, max_evals=30, shrink=0.25, state_path=state, config={"model": "y"})
+        hill_climb(bowl, max_evals=30, shrink=0.25, checkpoint=JsonCheckpoint(state), config={"model": "y"})
+
+
+def test_memory_checkpoint_extends_a_finished_run():
+    ckpt = MemoryCheckpoint()
+    first = hill_climb(bowl, max_evals=10, checkpoint=ckpt, config={"model": "x"})
+    assert ckpt.state == json.loads(json.dumps(first))  # the final summary is saved
+    more = []
+    extended = hill_climb(lambda p: more.append(key(p)) or bowl(p), max_evals=25, checkpoint=ckpt, config={"model": "x"})
+    assert len(more) == 15 and not set(more) & {key(e["params"]) for e in first["evaluations"]}
+    straight = hill_climb(bowl, max_evals=25)
+    assert [(e["params"], e["ppl"]) for e in extended["evaluations"]] == [
+        (e["params"], e["ppl"]) for e in straight["evaluations"]
+    ]
+    with pytest.raises(CrepeError, match=r"^the in-memory search state .*differs in: min_step\)"):
+        hill_climb(bowl, max_evals=30, min_step=0.1, checkpoint=ckpt, config={"model": "x"})
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,6 @@ from crepe.types import SparsitySpec, parse_sparsity
 from crepe.weights import PrunableWeight, block_weights
 
 Progress = Callable[[str, int, int], None]
-STATE_FILE = "state.json"
 # CMA-ES starts at the RIA-like point alpha = beta = 1, gamma = 1e-3 with sigma 0.25 (spec §8.4).
 CMA_START: dict[str, float] = {"alpha": 1.0, "beta": 1.0, "gamma": 1e-3}
 CMA_SIGMA = 0.25
