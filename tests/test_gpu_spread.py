@@ -288,7 +288,11 @@ def _fake_visible(env=None, count=None):  # two fake GPUs, or the one a Dask wor
     return _visible({{"CUDA_VISIBLE_DEVICES": ids}}, count=len(ids.split(",")))
 _gpus.visible_gpus = _fake_visible
 _resolve = _models.resolve_device
-_models.resolve_device = lambda name: _torch.device("cpu") if str(name).startswith("cuda") else _resolve(name)
+_fake_resolve = lambda name: _torch.device("cpu") if str(name).startswith("cuda") else _resolve(name)
+import sys as _sys, crepe.streaming, tasks.inputs, tasks.verify  # every module that binds resolve_device
+for _module in list(_sys.modules.values()):
+    if getattr(_module, "resolve_device", None) is _resolve:
+        _module.resolve_device = _fake_resolve
 """
 
 

@@ -111,7 +111,7 @@ def test_compute_proxies_small_matrix():
     scores = t([[1, 2, 3, 4], [0.5, 0.5, 8, 20]])
     keep = torch.tensor([[False, False, True, True], [False, True, False, True]])
     got = compute_proxies(scores, keep)
-    assert tuple(got) == PROXY_NAMES
+    assert tuple(got) == tuple(PROXY_NAMES)
     pruned = [1.0, 2.0, 0.5, 8.0]  # row-major order of ~keep
     retained = [3.0, 4.0, 0.5, 20.0]
     assert got["gini_pruned"] == pytest.approx(gini_reference(pruned), abs=1e-12)
