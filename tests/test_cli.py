@@ -202,3 +202,29 @@ def test_real_process_exit_status_and_no_traceback(tmp_path):
 def test_methods_lists_registry(capsys):
     code, stdout, _ = run(["methods"], capsys)
     assert code == 0 and all(m in stdout for m in ("magnitude", "wanda", "ria", "crepe"))
+
+
+def test_table_and_demo_compare_methods_on_one_budget(tiny, tmp_path, capsys, monkeypatch):
+    """`crepe table` / `crepe demo`: dense plus every (method, pattern) on one calibration set and one set of
+    evaluation windows, from fresh copies of the model; the report and the JSON say what was measured."""
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the commands' own small budgets, then the flags
+    md, raw = tmp_path / "results.md", tmp_path / "results.json"
+    code, stdout, err = run(["table", "--model", str(tiny), "--methods", "dense,magnitude,wanda", "--patterns",
+                             "0.5,2:4", "--out", str(md), "--json", str(raw), *HERMETIC], capsys)
+    assert code == 0, err
+    result = json.loads(raw.read_text())
+    assert [(r["method"], r["pattern"]) for r in result["rows"]] == [
+        ("dense", "-"), ("magnitude", "50%"), ("wanda", "50%"), ("magnitude", "2:4"), ("wanda", "2:4")]
+    dense = result["rows"][0]["ppl"]
+    assert all(r["ppl"] > 1 for r in result["rows"]) and all(r["ppl"] != dense for r in result["rows"][1:])
+    assert all(r["sparsity"] == pytest.approx(0.5, abs=1e-3) for r in result["rows"][1:])
+    assert result["calibration"]["n_samples"] == 4 and result["calibration"]["seqlen"] == 32
+    assert result["evaluation"]["max_windows"] == 2 and result["evaluation"]["seqlen"] == 32
+    text = md.read_text()
+    assert "| method | 50% | 2:4 |" in text and f"| dense | {dense:.3f} | {dense:.3f} |" in text
+    demo = tmp_path / "demo.json"
+    code, stdout, err = run(["demo", "--model", str(tiny), "--json", str(demo), *HERMETIC], capsys)
+    assert code == 0, err
+    rows = json.loads(demo.read_text())["rows"]
+    assert [(r["method"], r["pattern"]) for r in rows] == [("dense", "-"), ("ria", "2:4"), ("crepe", "2:4")]
+    assert rows[0]["ppl"] == pytest.approx(dense)  # the same model, data and windows
