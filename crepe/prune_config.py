@@ -1,7 +1,8 @@
 """What to prune and how: :class:`PruneConfig`, its validation and its resolved (recorded) form.
 
 Names come from the registries: methods from :mod:`crepe.methods`, refinements from
-:data:`crepe.refine.REFINES`, layer allocations from :data:`crepe.allocation.ALLOCATORS`.
+:data:`crepe.refine.REFINES`, layer allocations from :data:`crepe.allocation.ALLOCATORS`, weight
+updates from :data:`crepe.updates.UPDATES`.
 :meth:`PruneConfig.validate` rejects every bad name, value and combination before any model work;
 :meth:`PruneConfig.as_dict` is the form a report and a manifest record.
 """
@@ -22,6 +23,7 @@ from crepe.refine import DSNOT_REFINES, PERMUTE_REFINES, check_refine, resolve_r
 from crepe.scoring import get_scorer
 from crepe.sparsegpt import check_pattern_blocksize
 from crepe.types import SparsitySpec, check_group, check_sparsity, parse_sparsity
+from crepe.updates import NEEDS_HESSIAN, UPDATES
 from crepe.weights import check_regex
 
 __all__ = ["MOE_FALLBACKS", "PruneConfig", "build_config"]
@@ -41,9 +43,14 @@ class PruneConfig:
     - ``block_sparsity``: explicit per-block unstructured ratios (one per decoder block), instead
       of an allocator; ``sparsity`` is then only the nominal target recorded in the manifest.
 
+    - ``update``: ``"none"`` (zero the pruned weights) or ``"obs"`` (fixed-mask OBS reconstruction of
+      the kept weights after the final mask, :mod:`crepe.updates`), with ``update_params``.
+
     SparseGPT with ``refine="dsnot"``/``"r2-dsnot"`` is DSnoT's ``--initial_method sparsegpt``: the
     initial mask comes from the static saliency ``W^2 / diag(U)^2`` (per output row by default) and
-    the weights are not reconstructed, as in the official DSnoT code.
+    the weights are not reconstructed, as in the official DSnoT code (unless ``update="obs"``).
+    ``update="obs"`` needs the input Hessian, so it calibrates even with ``magnitude``; plain SparseGPT
+    with ``"obs"`` is refused (it already reconstructs its weights).
     """
 
     method: str
@@ -61,6 +68,8 @@ class PruneConfig:
     prune_router: bool = False  # MoE router/gate weights are left dense unless True
     moe_min_tokens: int = 16  # an expert routed fewer calibration tokens follows ``moe_fallback``
     moe_fallback: str = "all-tokens"  # "all-tokens": calibrate it on every token; "magnitude": |W|
+    update: str = "none"  # what happens to the kept weights after the mask (crepe.updates.UPDATES)
+    update_params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def reconstructs(self) -> bool:
@@ -68,11 +77,18 @@ class PruneConfig:
         return is_updater(self.method) and self.refine not in DSNOT_REFINES
 
     @property
+    def needs_hessian(self) -> bool:
+        """True when the loop must collect each weight's input Hessian (SparseGPT or an ``obs`` update)."""
+        return is_updater(self.method) or self.update in NEEDS_HESSIAN
+
+    @property
     def needs_calibration(self) -> bool:
+        """True when calibration inputs are needed; ``update="obs"`` needs them for any method, magnitude too."""
         return (
             get_method(self.method).needs_activations
             or self.refine in DSNOT_REFINES
             or (self.allocation in ALLOCATORS and needs_calibration(self.allocation))
+            or self.update in NEEDS_HESSIAN
         )
 
     def resolved_group(self) -> str:
@@ -92,6 +108,10 @@ class PruneConfig:
 
     def resolved_refine_params(self) -> dict[str, Any]:
         return resolve_refine_params(self.refine, self.refine_params)
+
+    def resolved_update_params(self) -> dict[str, Any]:
+        """The update's defaults overlaid with ``update_params``; an unknown update or parameter raises."""
+        return UPDATES.get(self.update).resolve(self.update_params, "update")
 
     def resolved_allocation_params(self) -> dict[str, Any]:
         """The allocator's defaults overlaid with ``allocation_params`` (as given for an unknown allocator)."""
@@ -148,6 +168,12 @@ class PruneConfig:
                 check_sparsity(value)
         if is_updater(self.method):
             check_pattern_blocksize(pattern, params["blocksize"])
+        self.resolved_update_params()
+        if self.update != "none" and self.reconstructs:
+            raise CrepeError(
+                f"method {self.method!r} already reconstructs its weights; use update none (or add a DSnoT "
+                f"refinement, whose mask update {self.update!r} then reconstructs)"
+            )
         check_regex(self.targets, "targets")
         check_regex(self.ignore, "ignore")
         if self.moe_fallback not in MOE_FALLBACKS:
@@ -175,6 +201,8 @@ class PruneConfig:
             "prune_router": self.prune_router,
             "moe_min_tokens": self.moe_min_tokens,
             "moe_fallback": self.moe_fallback,
+            "update": self.update,
+            "update_params": self.resolved_update_params(),
         }
 
 
@@ -201,7 +229,8 @@ def build_config(method: str, sparsity: str | float | SparsitySpec, params: Mapp
                  refine_params: Mapping[str, Any] | None = None, allocation: str | None = None,
                  allocation_params: Mapping[str, Any] | None = None,
                  block_sparsity: Sequence[float] | None = None, targets: str | None = None, ignore: str | None = None,
-                 prune_router: bool = False, moe_min_tokens: int = 16, moe_fallback: str = "all-tokens") -> PruneConfig:
+                 prune_router: bool = False, moe_min_tokens: int = 16, moe_fallback: str = "all-tokens",
+                 update: str = "none", update_params: Mapping[str, Any] | None = None) -> PruneConfig:
     """A validated :class:`PruneConfig` (``sparsity`` may be text such as ``"2:4"``): every bad name, value and
     combination raises CrepeError here, before any model is loaded."""
     get_method(method)
@@ -211,6 +240,7 @@ def build_config(method: str, sparsity: str | float | SparsitySpec, params: Mapp
         allocation_params=dict(allocation_params or {}),
         block_sparsity=tuple(block_sparsity) if block_sparsity is not None else None, targets=targets or None,
         ignore=ignore or None, prune_router=prune_router, moe_min_tokens=moe_min_tokens, moe_fallback=moe_fallback,
+        update=update, update_params=dict(update_params or {}),
     )
     config.validate()
     return config

@@ -56,8 +56,19 @@ class PruneReport:
 
     @property
     def damping_retries(self) -> list[dict[str, Any]]:
-        """Every failed SparseGPT Cholesky attempt (layer, percdamp, stage), in pruning order."""
-        return [r for info in self.layer_info.values() for r in info.get("sparsegpt", {}).get("damping_retries", [])]
+        """Every failed Cholesky attempt (layer, percdamp, stage) of SparseGPT and of an ``obs`` update, in
+        pruning order."""
+        return [r for info in self.layer_info.values() for key in ("sparsegpt", "update")
+                for r in info.get(key, {}).get("damping_retries", [])]
+
+    def update_summary(self) -> dict[str, Any] | None:
+        """Totals over layers of the weight update (``obs``): layers updated, OBS loss, dead inputs."""
+        ups = [i["update"] for i in self.layer_info.values() if "obs_loss" in i.get("update", {})]
+        if not ups:
+            return None
+        return {"updated_layers": len(ups), "obs_loss": sum(u["obs_loss"] for u in ups),
+                "dead_inputs": sum(u.get("dead_inputs", 0) for u in ups),
+                "skipped_layers": sum(1 for i in self.layer_info.values() if "skipped" in i.get("update", {}))}
 
     def refine_summary(self) -> dict[str, Any] | None:
         """Totals over layers of the refinement (DSnoT swaps, permutation gains)."""
@@ -106,6 +117,7 @@ class PruneReport:
             "block_sparsity": self.block_sparsity,
             "damping_retries": self.damping_retries,
             "refine_summary": self.refine_summary(),
+            "update_summary": self.update_summary(),
             "layers": [
                 {
                     **layer.as_dict(),

@@ -1,8 +1,9 @@
 """Sequential layer-wise pruning (spec §1.5) of every weight matrix in the decoder blocks.
 
 Per block: hook its weights and run the calibration inputs through the *dense* block to collect
-float32 input statistics, then score, mask and zero each weight, then run the inputs through the
-*pruned* block to produce the next block's inputs. Embeddings, norms and the head are never
+float32 input statistics, then score, mask and zero each weight (``update: obs``: then reconstruct
+its kept weights from the dense inputs' Hessian), then run the inputs through the *pruned* (and
+updated) block to produce the next block's inputs. Embeddings, norms and the head are never
 pruned. With an offloaded model only the current block and its activations visit the device.
 
 This module owns the loop (:func:`prune_model`) and one weight's pruning (:func:`prune_linear_`);
@@ -38,7 +39,7 @@ from crepe.prune_report import (
 from crepe.refine import DSNOT_REFINES, PERMUTE_REFINES
 from crepe.refine.dsnot import refine_layer
 from crepe.scoring import score
-from crepe.sparsegpt import sparsegpt_prune, sparsegpt_score
+from crepe.sparsegpt import obs_update, sparsegpt_prune, sparsegpt_score
 from crepe.stats import BlockStats, LayerStats
 from crepe.types import SparsitySpec
 from crepe.weights import BlockWeights, PrunableWeight, block_weights
@@ -113,6 +114,8 @@ def _calibration_error(config: PruneConfig) -> str:
         return f"method {config.method!r} needs calibration data"
     if config.refine in DSNOT_REFINES:
         return f"refine {config.refine!r} needs calibration data (per-channel input means and variances)"
+    if config.update != "none":
+        return f"update {config.update!r} needs calibration data (the input Hessian)"
     return f"allocation {config.allocation!r} needs calibration data"
 
 
@@ -130,7 +133,7 @@ def prune_linear_(
     device: torch.device,
     ctx: LayerContext | None = None,
 ) -> int:
-    """Score, mask and zero (or, for SparseGPT, reconstruct) one weight matrix in place.
+    """Score, mask and zero (SparseGPT or ``update: obs``: and reconstruct) one weight matrix in place.
 
     ``module`` is an ``nn.Linear`` or any :class:`PrunableWeight` (Conv1D, one expert's slice of a
     fused tensor, ...), always handled as its ``(out, in)`` view. Returns the number of weights the
@@ -150,6 +153,8 @@ def prune_linear_(
         keep = (select_mask(scores, pattern=spec.pattern) if spec.pattern is not None
                 else select_mask(scores, sparsity, group=group, rule="exact"))
         weight.masked_fill_(~keep.to(weight.device), 0)
+        if config.update != "none":
+            ctx.info["update"] = {"skipped": "magnitude fallback (too few routed tokens)"}
         return int((~keep).sum())
     if is_updater(config.method):
         if stats.hessian is None:
@@ -185,6 +190,15 @@ def prune_linear_(
             stats.act_norm, stats.mean_prime, stats.var, spec.pattern,
         )
         ctx.info["dsnot"] = info
+    if config.update == "obs":  # the final mask fixed, the kept weights reconstructed (crepe.updates)
+        if stats.hessian is None:
+            raise CrepeError(_calibration_error(config))
+        up = config.resolved_update_params()
+        result = obs_update(w, stats.hessian, ~keep, up["blocksize"], up["percdamp"], up["max_damp_retries"],
+                            ctx.name, ctx.perm, up["guard"])
+        weight.copy_(result.weight.to(device=weight.device, dtype=weight.dtype))
+        ctx.info["update"] = result.info
+        return result.n_pruned
     weight.masked_fill_(~keep.to(weight.device), 0)
     return int((~keep).sum())
 
@@ -334,7 +348,7 @@ def prune_model(
         inputs = capture_inputs(model, blocks, calib_ids, batch_size, dev)
         seconds["capture"] = time.perf_counter() - t0
     want_mean_var = config.refine in DSNOT_REFINES
-    want_hessian = is_updater(config.method)
+    want_hessian = config.needs_hessian
     t_score = 0.0
     for i, block in enumerate(blocks):
         if progress:

@@ -16,6 +16,9 @@ Per linear, from the calibration inputs X (tokens x in) of the *dense* block:
   ``(w - q) / U_tt`` is propagated to the block's later columns, and after the block to all later
   columns (lazy batch update).
 
+:func:`obs_update` runs the same sweep with a prune-mask given instead of chosen (``update: obs``:
+fixed-mask OBS reconstruction after any scorer's mask).
+
 Deviation from the official code, on purpose: when a Cholesky factorisation fails, the damping is
 retried ``max_damp_retries`` times, each time ``10 x`` larger (0.01 -> 0.1 -> 1 -> 10), and every
 retry is returned in ``info["damping_retries"]`` so the pruner records it in the manifest (the
@@ -44,17 +47,17 @@ DOC = "OBS reconstruction from the input Hessian; adaptive mask per 128-column b
 RULES = ("exact", "threshold")
 
 
-def check_params(p: dict[str, Any]) -> None:
-    """Validate resolved SparseGPT parameters (raises CrepeError)."""
+def check_params(p: dict[str, Any], owner: str = "sparsegpt") -> None:
+    """Validate resolved SparseGPT parameters (raises CrepeError); ``owner`` names them in messages."""
     bs = p["blocksize"]
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise CrepeError(f"sparsegpt blocksize={bs!r} must be a positive integer (official: 128)")
+        raise CrepeError(f"{owner} blocksize={bs!r} must be a positive integer (official: 128)")
     pd = p["percdamp"]
     if isinstance(pd, bool) or not isinstance(pd, (int, float)) or not math.isfinite(pd) or pd <= 0:
-        raise CrepeError(f"sparsegpt percdamp={pd!r} must be a positive number (official: 0.01)")
+        raise CrepeError(f"{owner} percdamp={pd!r} must be a positive number (official: 0.01)")
     r = p["max_damp_retries"]
     if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= 10:
-        raise CrepeError(f"sparsegpt max_damp_retries={r!r} must be an integer in 0..10")
+        raise CrepeError(f"{owner} max_damp_retries={r!r} must be an integer in 0..10")
 
 
 def check_pattern_blocksize(pattern: NMPattern | None, blocksize: int) -> None:
@@ -248,13 +251,71 @@ def sparsegpt_prune(
     check_pattern_blocksize(pattern, blocksize)
     if pattern is not None and weight.shape[1] % pattern.m:
         raise CrepeError(f"input width {weight.shape[1]} is not divisible by M={pattern.m} of pattern {pattern}")
+    return _sweep(weight, hessian, sparsity, pattern, blocksize, percdamp, rule, max_damp_retries, perm, layer)
+
+
+@torch.no_grad()
+def obs_update(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    prune_mask: torch.Tensor,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    max_damp_retries: int = 3,
+    layer: str = "",
+    perm: torch.Tensor | None = None,
+    guard: bool = True,
+) -> SparseGPTResult:
+    """Reconstruct one linear's kept weights with the prune-mask given (True = prune), not chosen.
+
+    SparseGPT's sweep with its selection switched off: the same damped Hessian, inverse factor and
+    damping retries, column blocks of ``blocksize``; each pruned weight's OBS error is propagated
+    to the later columns. The returned keep-mask is exactly ``~prune_mask`` and every pruned entry
+    is exactly 0; dead inputs' weights are zeroed as in :func:`prepare_hessian`. ``perm`` (new
+    position -> original input) sets the column processing order, as in :func:`sparsegpt_prune`.
+    With SparseGPT's own mask and ``guard=False`` the result equals :func:`sparsegpt_prune`'s
+    weights up to float rounding.
+
+    The sweep is greedy: with a mask it did not choose, a pruned weight's compensation can grow a
+    later pruned weight, and a row's output error ``d H d^T`` (``d`` its weight change, ``H`` the
+    undamped Hessian) can exceed plain masking's. ``guard=True`` keeps, per output row, the plain
+    masked weights where they are better, so the output error never grows; ``info["guarded_rows"]``
+    counts those rows (``info["obs_loss"]`` stays the sweep's own).
+    """
+    check_params({"blocksize": blocksize, "percdamp": percdamp, "max_damp_retries": max_damp_retries}, "update obs")
+    if prune_mask.shape != weight.shape or prune_mask.dtype != torch.bool:
+        raise RuntimeError(f"internal error: prune mask {tuple(prune_mask.shape)} {prune_mask.dtype} does not "
+                           f"match weight {tuple(weight.shape)} (bool expected)")
+    res = _sweep(weight, hessian, 0.0, None, blocksize, percdamp, "exact", max_damp_retries, perm, layer, prune_mask)
+    if guard:
+        with no_tf32():
+            h = hessian.detach().to(device=res.weight.device, dtype=torch.float32)  # undamped
+            w0 = weight.detach().to(res.weight).masked_fill(torch.diagonal(h)[None, :] == 0, 0.0)  # dead as above
+            masked = w0.masked_fill(prune_mask.to(w0.device), 0.0)
+            d_obs, d_mask = res.weight - w0, masked - w0  # per row d H d^T: twice the output error
+            worse = ((d_obs @ h) * d_obs).sum(dim=1) > ((d_mask @ h) * d_mask).sum(dim=1)
+        res.weight[worse] = masked[worse]
+        res.info["guarded_rows"] = int(worse.sum())
+    return res
+
+
+def _sweep(
+    weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: NMPattern | None, blocksize: int,
+    percdamp: float, rule: str, max_damp_retries: int, perm: torch.Tensor | None, layer: str,
+    fixed: torch.Tensor | None = None,
+) -> SparseGPTResult:
+    """Prepare W and H, factor the damped inverse, run :func:`_obs_loop` (in ``perm`` order) and
+    return the weight, keep-mask and info in the original column order."""
     with no_tf32():
         w, h, n_dead = prepare_hessian(weight, hessian)
+        if fixed is not None:
+            fixed = fixed.to(w.device)
         if perm is not None:
             perm = perm.to(w.device)
             w, h = w[:, perm], h[perm][:, perm]
+            fixed = fixed[:, perm] if fixed is not None else None
         factor = inverse_factor(h, percdamp, max_damp_retries, layer)
-        prune, loss = _obs_loop(w, factor.u, sparsity, pattern, blocksize, rule)
+        prune, loss = _obs_loop(w, factor.u, sparsity, pattern, blocksize, rule, fixed)
     if perm is not None:
         inverse = torch.argsort(perm)
         w, prune = w[:, inverse], prune[:, inverse]
@@ -285,9 +346,14 @@ def _segment_errors(cur: torch.Tensor, prune: torch.Tensor, u_seg: torch.Tensor)
 
 
 def _obs_loop(
-    w: torch.Tensor, u: torch.Tensor, sparsity: float, pattern: NMPattern | None, blocksize: int, rule: str
+    w: torch.Tensor, u: torch.Tensor, sparsity: float, pattern: NMPattern | None, blocksize: int, rule: str,
+    fixed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The official ``fasterprune`` loop, in place on ``w``; returns (prune-mask, OBS loss).
+
+    ``fixed`` (True = prune, same shape as ``w``) replaces the selection: every block takes its
+    columns of ``fixed`` as its mask and is solved in segments of 16 (``sparsity``, ``pattern`` and
+    ``rule`` are then unused).
 
     Mathematically the official column-by-column loop (tests compare it with a slow float64
     reference): within a block, columns are processed in segments whose mask is known at the
@@ -300,7 +366,8 @@ def _obs_loop(
     out_dim, n_cols = w.shape
     prune = torch.zeros_like(w, dtype=torch.bool)
     loss = torch.zeros((), dtype=torch.float64, device=w.device)
-    seg = pattern.m if pattern is not None else SEGMENT
+    select_nm = fixed is None and pattern is not None
+    seg = pattern.m if select_nm and pattern is not None else SEGMENT
     for i1 in range(0, n_cols, blocksize):
         i2 = min(i1 + blocksize, n_cols)
         w1 = w[:, i1:i2].clone()
@@ -308,14 +375,16 @@ def _obs_loop(
         u1 = u[i1:i2, i1:i2]
         d = torch.diagonal(u1)
         width = i2 - i1
-        if pattern is None:
+        if fixed is not None:
+            mask1 = fixed[:, i1:i2].clone()
+        elif pattern is None:
             mask1 = _block_mask(w1.square() / d.square()[None, :], sparsity, rule)
         else:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
         for a in range(0, width, seg):
             b = min(a + seg, width)
             cur = w1[:, a:b]
-            if pattern is not None:  # the N lowest W^2 / U_tt^2 of the group, ties by position
+            if select_nm and pattern is not None:  # the N lowest W^2 / U_tt^2 of the group, ties by position
                 sal = cur.square() / d[a:b].square()[None, :]
                 lowest = torch.sort(sal, dim=1, stable=True).indices[:, : pattern.n]
                 mask1[:, a:b].scatter_(1, lowest, True)

@@ -1,7 +1,7 @@
 """Calibration statistics of every prunable weight's inputs, collected from the dense block.
 
 For each weight: ``||X_j||_2`` per input channel (Wanda, RIA, CRePE), DSnoT's per-channel mean and
-variance, and SparseGPT's ``X^T X``. Linears, Conv1D and routers are observed with forward hooks.
+variance, and the ``X^T X`` of SparseGPT and of the ``obs`` weight update (:mod:`crepe.updates`). Linears, Conv1D and routers are observed with forward hooks.
 Fused MoE experts are observed with a pre-hook on the experts module that replays the router's
 decision: expert ``e`` sees exactly the tokens whose top-k contains ``e``, and its down projection
 sees ``gate(x_e W_gu^T)`` computed with the dense expert weights, as the model's own forward does.
@@ -51,7 +51,7 @@ class LayerStats:
     act_norm: torch.Tensor | None = None  # ||X_j||_2
     mean_prime: torch.Tensor | None = None  # (1/n_seq) sum_t x_tj (DSnoT)
     var: torch.Tensor | None = None  # per-sequence population variance, token-weighted (DSnoT)
-    hessian: torch.Tensor | None = None  # (2/n_seq) sum X^T X (SparseGPT)
+    hessian: torch.Tensor | None = None  # (2/n_seq) sum X^T X (SparseGPT, update obs)
     n_tokens: int = 0  # tokens this weight saw (the routed ones for an expert)
 
 

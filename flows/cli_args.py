@@ -23,6 +23,7 @@ from crepe.allocation import ALLOCATORS
 from crepe.errors import CrepeError
 from crepe.methods import all_methods
 from crepe.refine import REFINES
+from crepe.updates import UPDATES
 from tasks.config import DEFAULT_PARAMS, ConfigError, PipelineConfig, load_config
 from tasks.search_jobs import load_params_file
 
@@ -135,6 +136,8 @@ def add_method_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--method", required=required, choices=list(all_methods()), metavar="METHOD",
                    help=f"{', '.join(all_methods())} (see `crepe methods`)")
     p.add_argument("--sparsity", required=required, help="a fraction in [0, 1) such as 0.5, or N:M such as 2:4 or 4:8")
+    p.add_argument("--update", choices=list(UPDATES),
+                   help="; ".join(f"{n}: {e.doc}" for n, e in UPDATES.items()) + " (-S prune.update)")
     g = p.add_argument_group("method parameters (CRePE/RIA)")
     g.add_argument("--alpha", type=number, help="CRePE row-term coefficient")
     g.add_argument("--beta", type=number, help="CRePE column-term coefficient")
@@ -181,7 +184,7 @@ FLAG_KEYS: dict[str, tuple[str, ...]] = {
     "method": ("prune.method",), "sparsity": ("prune.sparsity",), "group": ("prune.group",), "rule": ("prune.rule",),
     "refine": ("refine.method",), "allocation": ("allocation.method",),
     "targets": ("prune.targets",), "ignore": ("prune.ignore",), "prune_router": ("prune.prune_router",),
-    "moe_min_tokens": ("prune.moe_min_tokens",), "moe_fallback": ("prune.moe_fallback",),
+    "moe_min_tokens": ("prune.moe_min_tokens",), "moe_fallback": ("prune.moe_fallback",), "update": ("prune.update",),
 }
 METHOD_FLAGS = {"alpha": "alpha", "beta": "beta", "gamma": "gamma", "kernel_size": "kernel_size", "act_exponent": "a"}
 

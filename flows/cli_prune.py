@@ -18,6 +18,7 @@ from crepe.methods import all_methods
 from crepe.refine import REFINES
 from crepe.search.proxies import PROXY_NAMES
 from crepe.search.samplers import SAMPLERS
+from crepe.updates import UPDATES
 from crepe.zeroshot import TASKS as ZERO_SHOT_TASKS
 from flows.cli_args import (
     FLAG_KEYS,
@@ -106,6 +107,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_out_dir(args.out, args.overwrite)  # before anything is loaded
     cfg = config_for(args, fixed=["pho.enabled=false"])
     extras = "".join(f" + {x}" for x in (cfg.refine.method, cfg.allocation.method) if x != "none")
+    extras += f" + update {cfg.prune.update}" if cfg.prune.update != "none" else ""
     print(f"[crepe] pruning {cfg.model.spec} with {cfg.prune.method}{extras} at {cfg.sparsity_spec().label} "
           f"-> {args.out}")
     inputs = resolve(cfg)
@@ -145,6 +147,8 @@ def _print_prune(cfg: Any, manifest: dict[str, Any], timings: dict[str, Any], ou
     if prune.get("block_sparsity"):
         ratios = prune["block_sparsity"]
         print(f"[crepe] {cfg.allocation.method} sparsity per block {min(ratios):.4f}..{max(ratios):.4f}")
+    if prune.get("update_summary"):
+        print(f"[crepe] update {cfg.prune.update}: {json.dumps(prune['update_summary'])}")
     if prune.get("refine_summary"):
         print(f"[crepe] {cfg.refine.method}: {json.dumps(prune['refine_summary'])}")
     if prune.get("damping_retries"):
@@ -235,7 +239,8 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
-REGISTRIES = {"refinements (--refine, refine.method)": REFINES,
+REGISTRIES = {"weight updates (--update, prune.update)": UPDATES,
+              "refinements (--refine, refine.method)": REFINES,
               "allocations (--allocation, allocation.method; unstructured only)": ALLOCATORS,
               "samplers (pho.sampler)": SAMPLERS, "proxies (crepe proxy-study)": PROXY_NAMES,
               "zero-shot tasks (eval.zero_shot.tasks, --zero-shot)": ZERO_SHOT_TASKS,

@@ -179,6 +179,17 @@ class PipelineConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _update_fits_the_method(self) -> PipelineConfig:
+        """An update with the whole prune (method and refinement): SparseGPT reconstructs its weights itself
+        unless DSnoT chose its mask (:meth:`crepe.prune_config.PruneConfig.validate`)."""
+        if self.prune.update != "none":
+            try:
+                self._prune_config({}, refine=True)
+            except CrepeError as exc:
+                raise Problem(f"prune.update: {exc}", "prune.update", "prune.method", "refine.method") from None
+        return self
+
+    @model_validator(mode="after")
     def _registry_needs_tracking(self) -> PipelineConfig:
         if self.release.register_model and not self.tracking.enabled:
             raise Problem("release.register_model needs MLflow but tracking.enabled is false; set "
@@ -316,6 +327,7 @@ class PipelineConfig(Section):
             allocation_params=dict(a.params) if use_allocation else None,
             targets=p.targets, ignore=p.ignore, prune_router=p.prune_router,
             moe_min_tokens=p.moe_min_tokens, moe_fallback=p.moe_fallback,
+            update=p.update, update_params=dict(p.update_params) if p.update != "none" else None,
         )
 
     def budget(self, max_windows: Any = "eval") -> Budget:

@@ -42,6 +42,7 @@ from crepe.registry import Registry
 from crepe.search import SAMPLERS, SearchSpace, cma_population_size
 from crepe.shards import parse_size
 from crepe.types import parse_sparsity
+from crepe.updates import UPDATES
 from crepe.zeroshot import TASKS
 from tasks.config_errors import Problem, as_problem, blame, check_names, suggest
 
@@ -164,6 +165,27 @@ class PruneSection(Section):
     moe_min_tokens: NonNegInt = Field(16, description="an expert routed fewer calibration tokens follows moe_fallback")
     moe_fallback: Literal["all-tokens", "magnitude"] = Field(
         "all-tokens", description="all-tokens: calibrate a starved expert on every token; magnitude: score it by |W|")
+    update: str = Field("none", description="weight update after the mask: none | obs (registry crepe.updates.UPDATES)")
+    update_params: dict[str, Any] = Field(default_factory=dict,
+                                          description="update parameters (obs: blocksize, percdamp, max_damp_retries, guard)")
+
+    @field_validator("update")
+    @classmethod
+    def _update(cls, value: str) -> str:
+        if value not in UPDATES:
+            raise Problem(f"unknown prune.update {value!r}; allowed: {', '.join(UPDATES)}{suggest(value, UPDATES)}")
+        return value
+
+    @field_validator("update_params")
+    @classmethod
+    def _update_params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if (update := info.data.get("update")) is None:
+            return value
+        check_names("prune.update_params", f"update {update!r}", value, UPDATES[update].defaults)
+        try:
+            return UPDATES[update].resolve(value, "update")
+        except CrepeError as exc:
+            raise Problem(f"prune.update_params: {exc}", blame(str(exc), list(value), "")) from None
 
     @field_validator("method")
     @classmethod
@@ -213,12 +235,15 @@ class PruneSection(Section):
                 raise Problem(f"prune.rule = {self.rule!r} applies to unstructured sparsity only, not to the N:M "
                               f"pattern {self.sparsity}; set prune.rule: exact", "rule", "sparsity")
         try:
+            # an updater with an update is checked with its refinement (PipelineConfig): DSnoT allows it
+            update = "none" if is_updater(self.method) else self.update
             build_config(self.method, self.sparsity, self.params, self.group, self.rule, targets=self.targets,
                          ignore=self.ignore, prune_router=self.prune_router, moe_min_tokens=self.moe_min_tokens,
-                         moe_fallback=self.moe_fallback)
+                         moe_fallback=self.moe_fallback, update=update,
+                         update_params=self.update_params if update != "none" else None)
         except CrepeError as exc:
             # name the key the library's message is about, so the error points at its line
-            keys = ["group", "targets", "ignore", "moe_fallback", *(f"params.{k}" for k in self.params)]
+            keys = ["group", "targets", "ignore", "moe_fallback", "update", *(f"params.{k}" for k in self.params)]
             path = blame(str(exc), keys, "params")
             raise Problem(f"prune.{path.partition('.')[0]}: {exc}", path, "method", "sparsity") from None
         return self

@@ -106,10 +106,12 @@ def load_tokens(calib: Mapping[str, Any]) -> torch.Tensor:
 
 
 def weight_selection(cfg: Any) -> dict[str, Any]:
-    """Which block weights every prune of the run touches, and the MoE calibration rule (``prune.*``)."""
+    """What every prune of the run shares beyond the method (``prune.*``): which block weights it touches,
+    the MoE calibration rule and the weight update (PHO verifies its candidates with the same update)."""
     p = cfg.prune
     return {"targets": p.targets, "ignore": p.ignore, "prune_router": p.prune_router,
-            "moe_min_tokens": p.moe_min_tokens, "moe_fallback": p.moe_fallback}
+            "moe_min_tokens": p.moe_min_tokens, "moe_fallback": p.moe_fallback,
+            "update": p.update, "update_params": dict(p.update_params)}
 
 
 def compute_identity(cfg: Any) -> dict[str, Any]:

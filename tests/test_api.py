@@ -104,6 +104,7 @@ def test_cli_choices_and_crepe_methods_read_the_registries(capsys):
     from crepe.refine import REFINES
     from crepe.search.proxies import PROXY_NAMES
     from crepe.search.samplers import SAMPLERS
+    from crepe.updates import UPDATES
     from crepe.zeroshot import TASKS
     from flows.cli import build_parser, main
     from tasks.steps import STEPS
@@ -118,7 +119,8 @@ def test_cli_choices_and_crepe_methods_read_the_registries(capsys):
     assert main(["methods", "--json"]) == 0
     tables = json.loads(capsys.readouterr().out)
     names = {title.split(" (")[0]: [row["name"] for row in rows] for title, rows in tables.items()}
-    assert names == {"methods": list(all_methods()), "refinements": list(REFINES), "allocations": list(ALLOCATORS),
+    assert names == {"methods": list(all_methods()), "weight updates": list(UPDATES), "refinements": list(REFINES),
+                     "allocations": list(ALLOCATORS),
                      "samplers": list(SAMPLERS), "proxies": list(PROXY_NAMES), "zero-shot tasks": list(TASKS),
                      "pipeline steps": list(STEPS)}
 

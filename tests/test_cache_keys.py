@@ -59,6 +59,8 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "prune.prune_router": PRUNE_MODEL,
     "prune.moe_min_tokens": PRUNE_MODEL,
     "prune.moe_fallback": PRUNE_MODEL,
+    "prune.update": PRUNE_MODEL,  # PHO verifies its candidates with the update the release uses
+    "prune.update_params": PRUNE_MODEL,
     "pho.enabled": (),  # changes the graph itself: the search tasks run or not, final-prune's params
     "pho.sampler": PHO,
     "pho.n_trials": PHO,
@@ -112,6 +114,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "prune.params": ("prune.params.a=0.25", ()),
     "prune.targets": ("prune.targets=mlp", ()),
     "prune.ignore": ("prune.ignore=mlp", ()),
+    "prune.update": ("prune.update=obs", ()),
+    "prune.update_params": ("prune.update_params.guard=false", ("prune.update=obs",)),
     "pho.sampler": ("pho.sampler=tpe", ()),
     "pho.target": ("pho.target=self_attn.k_proj", ()),
     "pho.bounds.alpha": ("pho.bounds.alpha=[0.0, 1.5]", ()),

@@ -228,3 +228,24 @@ def test_table_and_demo_compare_methods_on_one_budget(tiny, tmp_path, capsys, mo
     rows = json.loads(demo.read_text())["rows"]
     assert [(r["method"], r["pattern"]) for r in rows] == [("dense", "-"), ("ria", "2:4"), ("crepe", "2:4")]
     assert rows[0]["ppl"] == pytest.approx(dense)  # the same model, data and windows
+
+
+def test_prune_with_obs_update_keeps_the_mask_and_calibrates_magnitude(tiny, tmp_path, capsys):
+    """--update obs (prune.update): the scorer's mask, the kept weights reconstructed; magnitude calibrates."""
+    from safetensors.torch import load_file
+
+    plain, updated = tmp_path / "plain", tmp_path / "obs"
+    for out, extra in ((plain, []), (updated, ["--update", "obs"])):
+        code, stdout, err = run(["prune", "--model", str(tiny), "--method", "magnitude", "--sparsity", "2:4",
+                                 "--out", str(out), *extra, *HERMETIC], capsys)
+        assert code == 0, err
+    assert "update obs:" in stdout and "calibration: 4 x 32 tokens" in stdout
+    manifest = json.loads((updated / "crepe_manifest.json").read_text())
+    assert manifest["prune"]["config"]["update"] == "obs" and manifest["data"]["calibration"] is not None
+    a, b = load_file(plain / "model.safetensors"), load_file(updated / "model.safetensors")
+    pruned = [k for k in a if "proj" in k]
+    assert pruned and all(((a[k] == 0) == (b[k] == 0)).all() for k in pruned)  # magnitude: the same mask everywhere
+    assert any(not (a[k] == b[k]).all() for k in pruned)  # the kept weights were reconstructed
+    code, _, err = run(["prune", "--model", str(tiny), "--method", "sparsegpt", "--sparsity", "0.5", "--update", "obs",
+                        "--out", str(tmp_path / "x"), *HERMETIC], capsys)
+    assert code == 2 and "already reconstructs" in error_line(err) and not (tmp_path / "x").exists()

@@ -170,7 +170,7 @@ def test_unknown_key_names_full_path_allowed_keys_and_position(tmp_path):
     path = write(tmp_path, "model:\n  spec: embedded:smollm2-135m\nprune:\n  method: crepe\n  sparsty: 0.5\n")
     assert str(error_of(path)) == (
         f"{path}:5:3: unknown key 'prune.sparsty'; allowed keys of 'prune': method, sparsity, group, rule, "
-        "params, targets, ignore, prune_router, moe_min_tokens, moe_fallback (did you mean 'sparsity'?)"
+        "params, targets, ignore, prune_router, moe_min_tokens, moe_fallback, update, update_params (did you mean 'sparsity'?)"
     )
 
 
@@ -409,7 +409,7 @@ def test_malformed_and_unknown_overrides():
     assert override_error("prune..x=3").startswith("-S: override 'prune..x=3'")
     assert override_error("prune.sparsty=0.6") == (
         "-S prune.sparsty=0.6: unknown key 'prune.sparsty'; allowed keys of 'prune': method, sparsity, group, rule, "
-        "params, targets, ignore, prune_router, moe_min_tokens, moe_fallback (did you mean 'sparsity'?)")
+        "params, targets, ignore, prune_router, moe_min_tokens, moe_fallback, update, update_params (did you mean 'sparsity'?)")
     assert override_error("foo.bar=1").startswith("-S foo.bar=1: unknown key 'foo'; allowed keys (sections): model,")
     assert override_error("prune.sparsity.x=1") == ("-S prune.sparsity.x=1: 'prune.sparsity' is a value, not a "
                                                     "section, so 'prune.sparsity.x' cannot be set")

@@ -569,12 +569,13 @@ def test_crepe_prune_and_the_pipeline_prune_step_write_the_same_folder(project: 
     spell out run the same code, so the manifest and every file of the pruned folder are identical."""
     from flows.cli import main
 
-    off = ["-S", "pho.enabled=false", "-S", "prune.params={alpha: 0.5}", "-S", "refine.method=dsnot"]
+    off = ["-S", "pho.enabled=false", "-S", "prune.params={alpha: 0.5}", "-S", "refine.method=dsnot",
+           "-S", "prune.update=obs"]
     assert cli(project, monkeypatch, *off, "--until", "prune", "--export", "by-pipeline") == 0
     monkeypatch.chdir(tmp_path)  # no params.yaml here: flags on the built-in defaults
     model = str(yaml_model(project))
     flags = ["prune", "--model", model, "--method", "crepe", "--sparsity", "2:4", "--alpha", "0.5",
-             "--refine", "dsnot", "--calib-samples", "4", "--seqlen", "32", "--batch-size", "4",
+             "--refine", "dsnot", "--update", "obs", "--calib-samples", "4", "--seqlen", "32", "--batch-size", "4",
              "--calib-source", "pydoc", "--eval-source", "pydoc", "--max-windows", "4", "--out", "by-cli"]
     assert main(flags) == 0
     pipeline_dir, cli_dir = project / "by-pipeline", tmp_path / "by-cli"
@@ -582,6 +583,7 @@ def test_crepe_prune_and_the_pipeline_prune_step_write_the_same_folder(project: 
     by_cli = json.loads((cli_dir / "crepe_manifest.json").read_text())
     assert by_cli == by_pipeline
     assert by_cli["prune"]["config"]["refine"] == "dsnot" and by_cli["data"]["calibration"]["source"] == "pydoc"
+    assert by_cli["prune"]["config"]["update"] == "obs" and by_cli["prune"]["update_summary"]
     assert "timings" not in by_cli and "created_utc" not in by_cli  # deterministic: no clock, no machine paths
     files = sorted(p.relative_to(pipeline_dir).as_posix() for p in pipeline_dir.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(cli_dir).as_posix() for p in cli_dir.rglob("*") if p.is_file())

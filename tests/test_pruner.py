@@ -723,6 +723,10 @@ def test_channel_permutation_with_real_module(method: str, refine: str, calib_id
         ({"method": "wanda", "sparsity": "0.5", "block_sparsity": (0.5, 0.5), "allocation": "dlp"}, True, "not both"),
         ({"method": "wanda", "sparsity": "0.5", "allocation_params": {"m": 5}}, True, "no allocation"),
         ({"method": "wanda", "sparsity": "0.5", "allocation": "owl", "allocation_params": {"q": 5}}, True, "no parameter 'q'"),
+        ({"method": "magnitude", "sparsity": "0.5", "update": "obs"}, False, "update 'obs' needs calibration data"),
+        ({"method": "sparsegpt", "sparsity": "2:4", "update": "obs"}, True, "already reconstructs its weights"),
+        ({"method": "wanda", "sparsity": "0.5", "update": "qr"}, True, "unknown weight update 'qr'"),
+        ({"method": "ria", "sparsity": "0.5", "update": "obs", "update_params": {"percdamp": -1}}, True, "percdamp=-1"),
     ],
 )
 def test_bad_combinations_fail_before_any_change(kwargs: dict, calib: bool, message: str, calib_ids: torch.Tensor) -> None:
@@ -743,6 +747,7 @@ def test_config_as_dict_records_extension_fields() -> None:
     assert d["refine"] == "r2-dsnot" and d["refine_params"]["reweight"] == "prune"
     assert d["refine_params"]["max_cycle_time"] == 50 and d["group"] == "row"
     assert d["block_sparsity"] == [0.5, 0.7] and d["allocation"] is None and d["allocation_params"] == {}
+    assert d["update"] == "none" and d["update_params"] == {}
     assert PruneConfig("sparsegpt", parse_sparsity("0.5")).as_dict()["group"] == "block128"
     assert PruneConfig("sparsegpt", parse_sparsity("2:4")).needs_calibration
     assert PruneConfig("magnitude", parse_sparsity("0.5"), refine="dsnot").needs_calibration
