@@ -3,7 +3,9 @@
 Non-overlapping windows of ``seqlen`` tokens (remainder dropped), mean cross-entropy over the
 ``seqlen - 1`` shifted predictions of each window computed in float32, ``nll = loss * seqlen``,
 ``ppl = exp(sum(nll) / (n_windows * seqlen))``. The x seqlen / (seqlen - 1) mismatch is part of
-the published protocol and kept so numbers are comparable.
+the published protocol and kept so numbers are comparable. The result also keeps each window's mean
+NLL (``nll / seqlen``, so ``ppl == exp(mean(window_nll))``) and a seeded 95% bootstrap CI over windows
+(:mod:`crepe.uncertainty`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,7 @@ from torch import nn
 
 from crepe.blocks import capture_inputs, find_blocks, finish_from_hidden, run_block
 from crepe.errors import CrepeError
+from crepe.uncertainty import perplexity_ci
 
 
 @dataclass(frozen=True)
@@ -30,9 +34,27 @@ class PerplexityResult:
     seqlen: int
     n_tokens: int
     seconds: float
+    window_nll: list[float] = field(default_factory=list)  # mean NLL of each window, in window order
+    ci95: tuple[float, float] | None = None  # bootstrap CI of ppl over windows; None below 2 windows
 
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ci95"] = list(self.ci95) if self.ci95 is not None else None  # as it reads back from JSON
+        return out
+
+
+def make_result(nll: torch.Tensor, per_window: list[float], available: int, seqlen: int,
+                started: float) -> PerplexityResult:
+    """The :class:`PerplexityResult` of summed NLL ``nll`` and per-window NLLs ``per_window`` (``loss *
+    seqlen`` each, in window order); the in-memory and the streamed evaluation share it."""
+    n = len(per_window)
+    value = float(torch.exp(nll / (n * seqlen)))
+    if not math.isfinite(value):
+        value = float("inf")
+    window_nll = [w / seqlen for w in per_window]
+    ci95 = perplexity_ci(window_nll) if n >= 2 else None
+    return PerplexityResult(value, float(nll), n, available, seqlen, n * seqlen,
+                            round(time.perf_counter() - started, 3), window_nll, ci95)
 
 
 def _windows(input_ids: torch.Tensor, seqlen: int, max_windows: int | None) -> tuple[torch.Tensor, int]:
@@ -73,12 +95,15 @@ def same_device(a: torch.device, b: torch.device) -> bool:
 @torch.no_grad()
 def add_nll(
     nll: torch.Tensor, done: int, windows: torch.Tensor, batch_size: int, logits_iter: Iterator[torch.Tensor],
-    progress: Callable[[int, int], None] | None, total: int,
+    progress: Callable[[int, int], None] | None, total: int, per_window: list[float] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Add the float64 NLL of ``windows`` (chunks of ``batch_size``, logits from ``logits_iter``) to ``nll``;
-    ``done`` counts windows for ``progress(done, total)``."""
+    ``done`` counts windows for ``progress(done, total)``; ``per_window`` gets each window's NLL appended."""
     for chunk, logits in zip(windows.split(batch_size), logits_iter):
-        nll += _window_nll(logits, chunk).to(torch.float64).sum().cpu()
+        chunk_nll = _window_nll(logits, chunk).to(torch.float64).cpu()
+        nll += chunk_nll.sum()
+        if per_window is not None:
+            per_window.extend(chunk_nll.tolist())
         done += chunk.shape[0]
         if progress:
             progress(done, total)
@@ -118,13 +143,10 @@ def perplexity(
             model(input_ids=chunk.to(dev), use_cache=False).logits
             for chunk in windows.split(batch_size)
         )
+    per_window: list[float] = []
     nll, _ = add_nll(torch.zeros((), dtype=torch.float64), 0, windows, batch_size, logits_iter, progress,
-                     windows.shape[0])
-    n = windows.shape[0]
-    value = float(torch.exp(nll / (n * seqlen)))
-    if not math.isfinite(value):
-        value = float("inf")
-    return PerplexityResult(value, float(nll), n, available, seqlen, n * seqlen, round(time.perf_counter() - started, 3))
+                     windows.shape[0], per_window)
+    return make_result(nll, per_window, available, seqlen, started)
 
 
 def _blockwise_logits(

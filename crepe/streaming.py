@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from torch import nn
 
 from crepe.blocks import find_blocks
 from crepe.errors import CrepeError
-from crepe.evaluate import PerplexityResult, _blockwise_logits, _windows, add_nll
+from crepe.evaluate import PerplexityResult, _blockwise_logits, _windows, add_nll, make_result
 from crepe.models import (
     LoadedModel,
     ModelInfo,
@@ -231,15 +230,12 @@ class Streamer:
         per_pass = max(per_pass - per_pass % batch_size, batch_size)  # the same forward chunks as in memory
         nll = torch.zeros((), dtype=torch.float64)
         done = 0
+        per_window: list[float] = []
         for group in windows.split(per_pass):
             logits_iter = _blockwise_logits(self.model, group, batch_size, dev, self.path,
                                             self.start_block, self.end_block)
-            nll, done = add_nll(nll, done, group, batch_size, logits_iter, progress, windows.shape[0])
-        n = windows.shape[0]
-        value = float(torch.exp(nll / (n * seqlen)))
-        value = value if math.isfinite(value) else float("inf")
-        return PerplexityResult(value, float(nll), n, available, seqlen, n * seqlen,
-                                round(time.perf_counter() - started, 3))
+            nll, done = add_nll(nll, done, group, batch_size, logits_iter, progress, windows.shape[0], per_window)
+        return make_result(nll, per_window, available, seqlen, started)
 
 
     # --- any forward (zero-shot batches) ----------------------------------------------------------------

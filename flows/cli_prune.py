@@ -158,9 +158,16 @@ def _print_prune(cfg: Any, manifest: dict[str, Any], timings: dict[str, Any], ou
               "manifest")
     if "evaluation" in manifest:
         ev = manifest["evaluation"]
-        print(f"[crepe] {ev['split']} perplexity {ev['ppl']:.4f} ({ev['n_windows']} windows x {ev['seqlen']})")
+        print(f"[crepe] {ev['split']} perplexity {ev['ppl']:.4f} ({_ci_text(ev)}{ev['n_windows']} windows x "
+              f"{ev['seqlen']})")
     print(f"[crepe] took {timings['total']:.1f} s (load {timings['load']:.1f} s)")
     print(f"[crepe] saved {out} (manifest: {Path(out) / 'crepe_manifest.json'})")
+
+
+def _ci_text(ev: dict[str, Any]) -> str:
+    """``"95% CI lo-hi over "`` for a perplexity record with a bootstrap CI, else ``""`` (one window)."""
+    ci = ev.get("ci95")
+    return f"95% CI {ci[0]:.4f}-{ci[1]:.4f} over " if ci else ""
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -195,8 +202,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "ppl" in result:
         ppl = out["perplexity"] = result["ppl"]
         print(f"[crepe] data: {ppl['data']['source']} {ppl['split']} (sha256 {ppl['data']['sha256'][:12]}...)")
-        print(f"perplexity {ppl['ppl']:.4f}  ({ppl['n_windows']} of {ppl['n_windows_available']} windows x "
-              f"{ppl['seqlen']} tokens)")
+        print(f"perplexity {ppl['ppl']:.4f}  ({_ci_text(ppl)}{ppl['n_windows']} of {ppl['n_windows_available']} "
+              f"windows x {ppl['seqlen']} tokens)")
     if args.json:
         write_json_atomic(args.json, {**out, **provenance()})
     return 0

@@ -205,16 +205,25 @@ def test_cpu_device_takes_no_slot() -> None:
 
 
 def test_two_candidates_never_hold_one_gpu_at_once() -> None:
-    """Two threads asking for the same (fake) GPU take turns; a different GPU does not wait."""
+    """Two threads asking for the same (fake) GPU take turns; a different GPU does not wait. No timing
+    thresholds: the holders of GPU 7 keep their slot until GPU 8's candidate has its own (a GPU 8 that waited
+    for GPU 7 would never get it, and the holder would see no signal)."""
     from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
 
     spans: dict[str, list[tuple[float, float]]] = {"7": [], "8": []}
+    gpu8_running = threading.Event()
+    saw_gpu8: list[bool] = []
 
     def candidate(device: str, visible: list[str]) -> None:
         with gpu_slot(device, visible=visible, host="testhost") as gpu:
             start = time.monotonic()
-            time.sleep(1.5)
+            if gpu == "8":
+                gpu8_running.set()
+                time.sleep(0.2)
+            else:
+                saw_gpu8.append(gpu8_running.wait(60))  # hold GPU 7 until GPU 8 runs too
+                time.sleep(0.5)
             spans[gpu].append((start, time.monotonic()))
 
     with prefect_test_harness(server_startup_timeout=90):
@@ -223,14 +232,14 @@ def test_two_candidates_never_hold_one_gpu_at_once() -> None:
         for t in threads:
             t.start()
         for t in threads:
-            t.join(timeout=120)
+            t.join(timeout=180)
         with get_client(sync_client=True) as client:
             limit = client.read_global_concurrency_limit_by_name("crepe-gpu-testhost-7")
     assert limit.limit == 1 and limit.active_slots == 0
     assert len(spans["7"]) == 2 and len(spans["8"]) == 1
     (a0, a1), (b0, b1) = sorted(spans["7"])
     assert a1 <= b0  # the second candidate on GPU 7 waited for the first
-    assert spans["8"][0][0] < max(a1, b1)  # GPU 8 ran alongside, not after both
+    assert saw_gpu8 == [True, True]  # GPU 8 got its slot while GPU 7 was held: it did not wait
 
 
 # --- the gpu marker ----------------------------------------------------------------------------------------
