@@ -33,7 +33,7 @@ from crepe.io import write_json_atomic, write_text_atomic
 from crepe.models import load_model
 from crepe.prune_config import build_config
 from crepe.run import evaluate_loaded, prune_loaded
-from tasks.search_jobs import load_params_file
+from tasks.params_file import load_params_file
 
 NM_METHODS = ("magnitude", "wanda", "sparsegpt", "ria", "crepe")
 SCORE_METHODS = ("wanda", "ria", "crepe")

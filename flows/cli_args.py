@@ -25,7 +25,7 @@ from crepe.methods import all_methods
 from crepe.refine import REFINES
 from crepe.updates import UPDATES
 from tasks.config import DEFAULT_PARAMS, ConfigError, PipelineConfig, load_config
-from tasks.search_jobs import load_params_file
+from tasks.params_file import load_params_file
 
 Progress = Callable[[str, int, int], None]
 

@@ -25,7 +25,6 @@ from flows.cli_args import (
     progress_bars,
 )
 from tasks.inputs import weight_selection
-from tasks.search_jobs import run_hill_climb, run_proxy_study, run_search, study_points
 
 
 def _bounds(text: str) -> list[float]:
@@ -131,6 +130,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     out = check_folder_out(args.out)
     if args.sigma <= 0:
         raise CrepeError(f"--sigma {args.sigma!r} must be a positive number (unit-cube coordinates)")
+    from tasks.search_jobs import run_search  # heavy (matplotlib, scipy): only the search commands need it
+
     cfg = search_config(args, enabled=True)
     p = cfg.pho
     result = run_search(_context(cfg, out, args), out, p.sampler, p.n_trials, p.top_k, p.seed, cfg.search_space(),
@@ -149,6 +150,9 @@ def cmd_hill_climb(args: argparse.Namespace) -> int:
     max_evals = args.max_evals if args.max_evals or args.max_seconds else 30
     if args.max_seconds is not None and args.max_seconds <= 0:
         raise CrepeError(f"--max-seconds {args.max_seconds!r} must be a positive number")
+    # heavy (matplotlib, scipy): only the search commands need it
+    from tasks.search_jobs import run_hill_climb
+
     cfg = search_config(args, enabled=False)
     result = run_hill_climb(_context(cfg, out, args), out, max_evals, args.max_seconds, cfg.search_space(), None,
                             not args.skip_test)
@@ -158,6 +162,11 @@ def cmd_hill_climb(args: argparse.Namespace) -> int:
 
 
 def cmd_proxy_study(args: argparse.Namespace) -> int:
+    from tasks.search_jobs import (  # heavy (matplotlib, scipy): only this command
+        run_proxy_study,
+        study_points,
+    )
+
     out = check_folder_out(args.out)
     cfg = search_config(args, enabled=False)
     space = cfg.search_space()

@@ -27,7 +27,7 @@ from crepe.io import sha256_file, write_json_atomic, write_text_atomic
 from crepe.types import parse_sparsity
 from flows.cli_args import Parser, config_for, positive_int, progress_bars
 from tasks.compare import run_compare
-from tasks.search_jobs import load_params_file
+from tasks.params_file import load_params_file
 from tasks.zeroshot_report import kept_sections, render
 
 DEFAULT_LIMIT = 100

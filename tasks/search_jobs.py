@@ -21,8 +21,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from crepe.errors import CrepeError
-from crepe.io import read_json, write_json_atomic
-from crepe.methods import resolve_method_params
+from crepe.io import write_json_atomic
 from crepe.search.checkpoint import STATE_VERSION, jsonable
 from crepe.search.context import CMA_SIGMA, SearchContext, check_search_args, cma_start_mean
 from crepe.search.driver import run_pho
@@ -290,19 +289,3 @@ def run_proxy_study(
     }
     write_json_atomic(out / "proxy_study.json", result)
     return result
-
-
-def load_params_file(path: str | Path, method: str | None) -> dict[str, Any]:
-    """Coefficients from a JSON file: a search result (``winner.params``), ``{"params": ...}`` or flat; the
-    names are checked against ``method``'s parameters."""
-    file = Path(path)
-    raw = read_json(file, "params file")
-    if isinstance(raw, dict) and isinstance(raw.get("winner"), dict):
-        raw = raw["winner"]
-    if isinstance(raw, dict) and isinstance(raw.get("params"), dict):
-        raw = raw["params"]
-    if not isinstance(raw, dict):
-        raise CrepeError(f"params file {file} must hold a JSON object of parameters")
-    if method is not None:
-        resolve_method_params(method, raw)  # unknown names raise
-    return dict(raw)

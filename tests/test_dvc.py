@@ -214,7 +214,7 @@ def test_dvc_repro_on_a_tiny_config(tmp_path):
     data; each flow stage reuses the tasks the stage before it cached (one search, one prune in all); the
     exports are what the standalone commands read; a second `dvc repro` finds everything up to date; then
     `dvc exp run -S prune.sparsity=0.6` re-runs the pipeline for the new sparsity."""
-    from tasks.search_jobs import load_params_file
+    from tasks.params_file import load_params_file
     from tasks.verify import verify_release
     from tests.local_models import save_tiny_llama
 

@@ -501,7 +501,7 @@ def test_until_steps_export_and_reuse_each_other(project: Path, tmp_path: Path, 
     """search -> prune -> evaluate as separate commands (the DVC stages): each computes only its own step,
     reuses the earlier ones, exports what the standalone commands read, and nothing is released or tracked."""
     from crepe.io import sha256_folder
-    from tasks.search_jobs import load_params_file
+    from tasks.params_file import load_params_file
     from tasks.verify import verify_release
 
     log, data = tmp_path / "computed.txt", project / "data"
@@ -547,7 +547,7 @@ def test_until_steps_export_and_reuse_each_other(project: Path, tmp_path: Path, 
 
 def test_until_search_without_pho_exports_prune_params(project: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.search_jobs import load_params_file
+    from tasks.params_file import load_params_file
 
     log = tmp_path / "computed.txt"
     off = ["-S", "pho.enabled=false", "-S", "prune.params={alpha: 0.5}"]
