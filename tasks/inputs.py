@@ -3,7 +3,8 @@
 ``resolve_inputs`` is never cached: it *is* the content identity every later key is built from (model:
 spec, kind, content hash, hub snapshot; data: source and sha256). ``crepe prepare`` writes the same
 identities to ``inputs.json`` for DVC. ``calibration_windows`` tokenizes the windows once and saves them as a
-tensor file under the work folder; ``crepe prune`` gets the same windows from :func:`calibration_tokens`.
+tensor file under the work folder; ``crepe prune`` samples the same windows with the loaded tokenizer
+(:func:`crepe.budget.calibration_windows`, which :func:`calibration_tokens` also calls).
 """
 
 from __future__ import annotations

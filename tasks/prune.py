@@ -25,7 +25,7 @@ from crepe.run import prune_loaded
 from crepe.streaming import streamer_of
 from tasks.common import computed, finished, limit_threads, load, persisted
 from tasks.evaluate import perplexity_of
-from tasks.inputs import calibration_tokens, compute_identity, load_tokens
+from tasks.inputs import compute_identity, load_tokens
 from tasks.keys import content_key, digest, work_dir
 from tasks.verify import PRUNE_MANIFEST
 
@@ -77,15 +77,13 @@ def prune_to_folder(cfg: Any, model: Mapping[str, Any], out: str | Path, params:
     """Load ``model["path"]``, prune it with ``cfg.prune`` (``params`` overlay the method's parameters, e.g.
     the PHO winner), save the HF folder and its manifest to ``out`` atomically; return ``{"path", "sha256",
     "prune", "report", "manifest", "timings"}``. ``calibration``: the windows and their record (default:
-    sampled from ``cfg``). Over ``model.max_memory`` each block is streamed from the shards and written once
+    sampled from ``cfg``'s budget with the loaded tokenizer, :func:`crepe.run.prune_loaded`). Over ``model.max_memory`` each block is streamed from the shards and written once
     pruned. ``eval_split`` also measures the pruned model's perplexity (recorded as ``evaluation``)."""
     out_dir = check_out_dir(out, overwrite)
     config = cfg.prune_config(params)
     started = time.perf_counter()
     lm = load(cfg, model["path"])
     load_s = time.perf_counter() - started
-    if config.needs_calibration and calibration is None:
-        calibration = calibration_tokens(cfg, model["path"])
     streamer = streamer_of(lm)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         if streamer is not None:

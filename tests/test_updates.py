@@ -260,7 +260,7 @@ def test_model_update_keeps_masks_and_reconstructs(method: str, sparsity: str, e
     assert dumped["config"]["update"] == "obs" and dumped["config"]["update_params"]["blocksize"] == 128
     assert dumped["update_summary"]["updated_layers"] == 14 and base.update_summary() is None
     # block 0 sees the same dense inputs in both runs: the update lowers every layer's output error there
-    xs = _block0_inputs(dense, calib_ids)
+    xs = _block_inputs(dense, calib_ids, 0)
     p, u, d = _linears(plain), _linears(updated), _linears(dense)
     for name, x in xs.items():
         assert _out_err(x, d[name].weight, u[name].weight) <= _out_err(x, d[name].weight, p[name].weight) * (1 + 1e-4)
@@ -279,11 +279,12 @@ def _spy_update(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[torch.Tensor
     return seen
 
 
-def _block0_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def _block_inputs(model: nn.Module, ids: torch.Tensor, block: int) -> dict[str, torch.Tensor]:
+    """The inputs of every linear of decoder block ``block`` on ``ids`` (tokens x in)."""
     xs: dict[str, torch.Tensor] = {}
     handles = [
         m.register_forward_hook(lambda _m, inp, _o, n=name: xs.__setitem__(n, inp[0].reshape(-1, inp[0].shape[-1])))
-        for name, m in _linears(model).items() if name.startswith(f"{PATH}.0.")
+        for name, m in _linears(model).items() if name.startswith(f"{PATH}.{block}.")
     ]
     try:
         with torch.no_grad():
@@ -304,26 +305,11 @@ def test_update_hessians_from_dense_block_and_updated_prefix(calib_ids: torch.Te
     assert len(seen) == 14
     hybrid = copy.deepcopy(dense)
     hybrid.model.layers[0].load_state_dict(model.model.layers[0].state_dict())
-    inputs = {**_block0_inputs(dense, calib_ids), **_block1_inputs(hybrid, calib_ids)}
+    inputs = {**_block_inputs(dense, calib_ids, 0), **_block_inputs(hybrid, calib_ids, 1)}
     n = calib_ids.shape[0]
     for name, (h, _) in seen.items():
         x = inputs[name].double()
         torch.testing.assert_close(h.double(), (2.0 / n) * x.T @ x, rtol=1e-4, atol=1e-4)
-
-
-def _block1_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    xs: dict[str, torch.Tensor] = {}
-    handles = [
-        m.register_forward_hook(lambda _m, inp, _o, n=name: xs.__setitem__(n, inp[0].reshape(-1, inp[0].shape[-1])))
-        for name, m in _linears(model).items() if name.startswith(f"{PATH}.1.")
-    ]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return xs
 
 
 def test_update_damping_retry_reaches_the_report(calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
